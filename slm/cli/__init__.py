@@ -1,0 +1,52 @@
+"""The `slm` command: subcommands parse flags, call a function of the package, print.
+
+Each module in COMMANDS registers its subcommands with `register(subparsers)` and sets
+`func` on them. A `SlmError` becomes one line on stderr and exit code 1; `--debug` shows
+the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from slm import __version__
+from slm.errors import SlmError
+
+# Modules under slm.cli, in the order their commands appear in `slm --help`.
+COMMANDS = ["core"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="slm",
+        description="Build a small language model end to end: pretrain, fine-tune, quantize, generate, serve.",
+    )
+    parser.add_argument("--version", action="version", version=f"slm {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMANDS:
+        importlib.import_module(f"slm.cli.{name}").register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 0 if args.command is None else 2
+    try:
+        return args.func(args) or 0
+    except SlmError as e:
+        if args.debug:
+            raise
+        print(f"slm {args.command}: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"slm {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # e.g. `slm generate ... | head`
+        sys.stderr.close()
+        return 0

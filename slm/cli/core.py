@@ -1,0 +1,164 @@
+"""Core commands: init, convert, info, tokenize, generate."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import torch
+
+from slm.checkpoint import load_model, read_artifact, save_model
+from slm.cli.args import add_dataclass_args, from_args, given
+from slm.config import PRESETS, ModelConfig, resolve_model_config
+from slm.inference import for_inference
+from slm.generate import GenerationStats, SamplingConfig, generate
+from slm.model import GPT
+from slm.runtime import DTYPES, resolve_device, resolve_dtype
+from slm.tokenizer import TextDecoder, get_tokenizer
+
+
+def add_model_shape_args(p: argparse.ArgumentParser) -> None:
+    """--preset plus one flag per ModelConfig field, for commands that build a model."""
+    p.add_argument("--preset", choices=list(PRESETS), help="named model size (default: tiny)")
+    add_dataclass_args(p, ModelConfig, exclude=("vocab_size",))
+
+
+def model_config_from_args(args) -> ModelConfig:
+    return resolve_model_config(args.preset, **given(args, ModelConfig))
+
+
+def register(sub) -> None:
+    p = sub.add_parser("init", help="write a freshly initialized model directory")
+    add_model_shape_args(p)
+    p.add_argument("--out", required=True, help="output model directory")
+    p.add_argument("--seed", type=int, default=0, help="initialization seed (default: 0)")
+    p.set_defaults(func=cmd_init)
+
+    p = sub.add_parser("convert", help="convert Hugging Face GPT-2 weights into an slm model directory")
+    p.add_argument("--from-hf", required=True, metavar="HF_DIR", help="local Hugging Face GPT-2 directory")
+    p.add_argument("--out", required=True, help="output model directory")
+    p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("info", help="show a model's shape, parameter counts and tokenizer")
+    p.add_argument("--model", help="model directory (instead of a preset or shape flags)")
+    add_model_shape_args(p)
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("tokenize", help="print the GPT-2 token ids of a text")
+    p.add_argument("text")
+    p.add_argument("--json", action="store_true", help='print {"ids": [...], "tokenizer": {...}}')
+    p.set_defaults(func=cmd_tokenize)
+
+    p = sub.add_parser("generate", help="sample text from a model, streaming tokens to stdout")
+    p.add_argument("--model", required=True, help="model directory")
+    p.add_argument("--prompt", default="", help="text to continue (default: start of a document)")
+    add_dataclass_args(p, SamplingConfig)
+    p.add_argument("--dtype", choices=list(DTYPES), default="fp32", help="weight precision (default: fp32)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto)")
+    p.add_argument("--json", action="store_true",
+                   help='print one JSON object: {"text", "tokens", "prefill_tok_s", "decode_tok_s", ...}')
+    p.set_defaults(func=cmd_generate)
+
+
+def cmd_init(args) -> int:
+    cfg = model_config_from_args(args)
+    torch.manual_seed(args.seed)
+    model = GPT(cfg)
+    save_model(args.out, model, metadata={"created_by": "slm init", "preset": args.preset, "seed": args.seed})
+    print(f"wrote {args.out}: {model.num_params() / 1e6:.2f}M parameters "
+          f"({cfg.n_layer} layers, {cfg.n_head} heads, width {cfg.n_embd}, context {cfg.block_size})")
+
+
+def cmd_convert(args) -> int:
+    from slm.interop.hf import load_hf_gpt2
+
+    cfg, tensors = load_hf_gpt2(args.from_hf)
+    with torch.device("meta"):
+        model = GPT(cfg)
+    model.load_state_dict(tensors, strict=False, assign=True)
+    model.lm_head.weight = model.transformer.wte.weight
+    save_model(args.out, model, metadata={"created_by": "slm convert", "source": {"hf": str(args.from_hf)}})
+    print(f"wrote {args.out}: {model.num_params() / 1e6:.2f}M parameters from {args.from_hf}")
+
+
+def describe(cfg: ModelConfig) -> dict:
+    return {
+        "model": cfg.to_dict(),
+        "params": cfg.num_params(),
+        "non_embedding_params": cfg.num_params(non_embedding=True),
+        "flops_per_token_train": cfg.flops_per_token(),
+    }
+
+
+def cmd_info(args) -> int:
+    if args.model:
+        art = read_artifact(args.model)
+        out = describe(art.model) | {"tokenizer": art.tokenizer.to_dict(), "path": str(art.path),
+                                     "slm_version": art.raw.get("slm_version"), "metadata": art.metadata}
+    else:
+        out = describe(model_config_from_args(args)) | {"preset": args.preset or "tiny"}
+    if args.json:
+        print(json.dumps(out))
+        return 0
+    m = out["model"]
+    print(f"{'model ' + out['path'] if 'path' in out else 'preset ' + out['preset']}")
+    print(f"  layers {m['n_layer']}, heads {m['n_head']}, width {m['n_embd']}, context {m['block_size']}, "
+          f"vocab {m['vocab_size']}, bias {m['bias']}")
+    print(f"  parameters {out['params']:,} ({out['params'] / 1e6:.1f}M); non-embedding "
+          f"{out['non_embedding_params']:,} ({out['non_embedding_params'] / 1e6:.1f}M)")
+    print(f"  training FLOPs per token {out['flops_per_token_train']:.3g}")
+    if "tokenizer" in out:
+        t = out["tokenizer"]
+        print(f"  tokenizer {t['name']} fingerprint {t['fingerprint']}")
+
+
+def cmd_tokenize(args) -> int:
+    tok = get_tokenizer()
+    ids = tok.encode(args.text)
+    if args.json:
+        print(json.dumps({"ids": ids, "tokenizer": tok.identity.to_dict()}))
+    else:
+        print(" ".join(map(str, ids)))
+
+
+def cmd_generate(args) -> int:
+    cfg = from_args(SamplingConfig, args)
+    tok = get_tokenizer()
+    model, _ = load_model(args.model, device=resolve_device(args.device), dtype=resolve_dtype(args.dtype))
+    for_inference(model)
+    prompt = tok.encode(args.prompt) if args.prompt else [tok.eot_id]
+    if len(prompt) > model.config.block_size:
+        print(f"note: the prompt has {len(prompt)} tokens; only the last {model.config.block_size} "
+              f"fit the context window", file=sys.stderr)
+    stats = GenerationStats()
+    decoder = TextDecoder(tok)
+    pieces = []
+    if not args.json:
+        sys.stdout.write(args.prompt)
+    for t in generate(model, prompt, cfg, stop_ids={tok.eot_id}, vocab_limit=tok.n_vocab, stats=stats):
+        piece = decoder.add(t)
+        pieces.append(piece)
+        if not args.json:
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+    pieces.append(decoder.flush())
+    text = "".join(pieces)
+    if args.json:
+        print(json.dumps({
+            "text": text,
+            "tokens": stats.new_tokens,
+            "prompt_tokens": stats.prompt_tokens,
+            "finish_reason": stats.finish_reason,
+            "prefill_tok_s": round(stats.prefill_tok_s, 2),
+            "decode_tok_s": round(stats.decode_tok_s, 2),
+            "prefill_seconds": round(stats.prefill_seconds, 4),
+            "decode_seconds": round(stats.decode_seconds, 4),
+        }))
+    else:
+        sys.stdout.write(pieces[-1] + "\n")
+        print(f"[{stats.new_tokens} tokens, {stats.finish_reason}; prefill {stats.prefill_tok_s:.1f} tok/s, "
+              f"decode {stats.decode_tok_s:.1f} tok/s]", file=sys.stderr)
+    return 0
+

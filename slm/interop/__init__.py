@@ -1,0 +1,1 @@
+"""Conversions between slm artifacts and other ecosystems (Hugging Face, GGUF/llama.cpp)."""
