@@ -123,21 +123,37 @@ class Tokenizer:
     def decode_bytes(self, ids: list[int]) -> bytes:
         return self.encoding.decode_bytes(ids)
 
+    @property
+    def stop_ids(self) -> set[int]:
+        return {self.eot_id}
+
+    @property
+    def start_ids(self) -> list[int]:
+        """What an empty prompt becomes: GPT-2 starts documents after <|endoftext|>."""
+        return [self.eot_id]
+
+    def stream_decoder(self) -> "TextDecoder":
+        return TextDecoder(self)
+
     def check(self, identity: dict | TokenizerIdentity | None, what: str) -> None:
-        """Refuse an artifact made with another tokenizer: the top failure in practice."""
-        if identity is None:
-            raise SlmError(f"{what} records no tokenizer identity; refusing to guess which tokenizer made it")
-        if isinstance(identity, dict):
-            try:
-                identity = TokenizerIdentity(str(identity["name"]), str(identity["fingerprint"]))
-            except KeyError as e:
-                raise SlmError(f"{what} has a malformed tokenizer identity (missing {e})") from None
-        if identity != self.identity:
-            raise SlmError(
-                f"tokenizer mismatch: {what} was made with tokenizer {identity.short()}, but the "
-                f"tokenizer in use is {self.identity.short()}; its token ids would mean different "
-                f"text. Use the tokenizer the model was trained with, or retrain/convert the model."
-            )
+        check_identity(self.identity, identity, what)
+
+
+def check_identity(current: TokenizerIdentity, recorded: dict | TokenizerIdentity | None, what: str) -> None:
+    """Refuse an artifact made with another tokenizer: the top failure in practice."""
+    if recorded is None:
+        raise SlmError(f"{what} records no tokenizer identity; refusing to guess which tokenizer made it")
+    if isinstance(recorded, dict):
+        try:
+            recorded = TokenizerIdentity(str(recorded["name"]), str(recorded["fingerprint"]))
+        except KeyError as e:
+            raise SlmError(f"{what} has a malformed tokenizer identity (missing {e})") from None
+    if recorded != current:
+        raise SlmError(
+            f"tokenizer mismatch: {what} was made with tokenizer {recorded.short()}, but the "
+            f"tokenizer in use is {current.short()}; its token ids would mean different "
+            f"text. Use the tokenizer the model was trained with, or retrain/convert the model."
+        )
 
 
 @functools.lru_cache(maxsize=1)

@@ -8,14 +8,14 @@ import sys
 
 import torch
 
-from slm.checkpoint import load_model, read_artifact, save_model
+from slm.checkpoint import read_artifact, save_model
 from slm.cli.args import add_dataclass_args, from_args, given
 from slm.config import PRESETS, ModelConfig, resolve_model_config
-from slm.inference import for_inference
+from slm.loading import open_model
 from slm.generate import GenerationStats, SamplingConfig, generate
 from slm.model import GPT
 from slm.runtime import DTYPES, resolve_device, resolve_dtype
-from slm.tokenizer import TextDecoder, get_tokenizer
+from slm.tokenizer import get_tokenizer
 
 
 def add_model_shape_args(p: argparse.ArgumentParser) -> None:
@@ -52,7 +52,9 @@ def register(sub) -> None:
     p.set_defaults(func=cmd_tokenize)
 
     p = sub.add_parser("generate", help="sample text from a model, streaming tokens to stdout")
-    p.add_argument("--model", required=True, help="model directory")
+    p.add_argument("--model", required=True,
+                   help="model directory, run directory, Hugging Face directory or hub id, .gguf file, "
+                        "or the alias smollm2-135m-instruct")
     p.add_argument("--prompt", default="", help="text to continue (default: start of a document)")
     add_dataclass_args(p, SamplingConfig)
     p.add_argument("--dtype", choices=list(DTYPES), default="fp32", help="weight precision (default: fp32)")
@@ -125,23 +127,21 @@ def cmd_tokenize(args) -> int:
 
 def cmd_generate(args) -> int:
     cfg = from_args(SamplingConfig, args)
-    tok = get_tokenizer()
-    model, _ = load_model(args.model, device=resolve_device(args.device), dtype=resolve_dtype(args.dtype))
-    for_inference(model)
-    prompt = tok.encode(args.prompt) if args.prompt else [tok.eot_id]
-    if len(prompt) > model.config.block_size:
-        print(f"note: the prompt has {len(prompt)} tokens; only the last {model.config.block_size} "
-              f"fit the context window", file=sys.stderr)
+    loaded = open_model(args.model, device=resolve_device(args.device), dtype=resolve_dtype(args.dtype))
+    tok, block = loaded.tokenizer, loaded.model.config.block_size
+    prompt = tok.encode(args.prompt) if args.prompt else tok.start_ids
+    if len(prompt) > block:
+        print(f"note: the prompt has {len(prompt)} tokens; only the last {block} fit the context window",
+              file=sys.stderr)
     stats = GenerationStats()
-    decoder = TextDecoder(tok)
+    decoder = tok.stream_decoder()
     pieces = []
     if not args.json:
         sys.stdout.write(args.prompt)
-    for t in generate(model, prompt, cfg, stop_ids={tok.eot_id}, vocab_limit=tok.n_vocab, stats=stats):
-        piece = decoder.add(t)
-        pieces.append(piece)
+    for t in generate(loaded.model, prompt, cfg, stop_ids=tok.stop_ids, vocab_limit=tok.n_vocab, stats=stats):
+        pieces.append(decoder.add(t))
         if not args.json:
-            sys.stdout.write(piece)
+            sys.stdout.write(pieces[-1])
             sys.stdout.flush()
     pieces.append(decoder.flush())
     text = "".join(pieces)
@@ -161,4 +161,3 @@ def cmd_generate(args) -> int:
         print(f"[{stats.new_tokens} tokens, {stats.finish_reason}; prefill {stats.prefill_tok_s:.1f} tok/s, "
               f"decode {stats.decode_tok_s:.1f} tok/s]", file=sys.stderr)
     return 0
-

@@ -145,3 +145,16 @@ def load_hf_gpt2(d: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     cfg = config_from_hf(json.loads((d / "config.json").read_text()))
     check_gpt2_vocab(d)
     return cfg, tensors_from_hf(_read_hf_weights(d), cfg)
+
+
+def gpt2_hf_tokenizer():
+    """transformers' GPT-2 tokenizer built from the same verified offline files as slm's."""
+    from transformers import GPT2Tokenizer
+
+    from slm.tokenizer import default_bpe_dir, get_tokenizer
+
+    get_tokenizer()  # verifies the files' hashes before transformers reads them
+    d = default_bpe_dir()
+    merges = d.joinpath("vocab.bpe").read_text(encoding="utf-8").split("\n")[1:]  # drop "#version"
+    return GPT2Tokenizer(vocab=json.loads(d.joinpath("encoder.json").read_text(encoding="utf-8")),
+                         merges=[tuple(m.split()) for m in merges if m], model_max_length=1024)
