@@ -45,3 +45,12 @@ def test_wrong_text_field_names_it(tmp_path, capsys):
     d = mixed_folder(tmp_path / "mixed")
     code, out, _ = run(capsys, "data", "inspect", str(d), "--text-field", "body", "--json")
     assert code == 0 and json.loads(out)["documents"] == 0 and json.loads(out)["skipped"]["missing_column"] == 1
+
+
+def test_config_flags_reach_the_loader(tmp_path, capsys):
+    d = mixed_folder(tmp_path / "mixed")
+    code, out, _ = run(capsys, "data", "inspect", str(d), "--val-percent", "99", "--test-percent", "0", "--json")
+    r = json.loads(out)
+    assert code == 0 and r["split_percent"] == {"val": 99.0, "test": 0.0} and r["splits"]["val"] >= 40
+    code, out, _ = run(capsys, "data", "inspect", str(d), "--max-doc-chars", "1150", "--json")
+    assert json.loads(out)["skipped"]["too_long"] == 25  # the 1,180-character rows

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from datautil import corpus, make_docs, write_parquet
+from datautil import corpus, make_docs, mixed_folder, write_parquet
 from slm.data import DataConfig, TokenStream
 from slm.data.documents import Splitter
 from slm.data.producer import Producer
@@ -254,6 +254,24 @@ def test_state_is_what_the_consumer_received(tmp_path):
     again = take(r, 5)
     assert state["batches"] == 3 and all(torch.equal(a[0], b[0]) for a, b in zip(rest, again))
     assert not torch.equal(first[0][0], again[0][0])
+
+
+def test_bad_input_is_skipped_and_counted_once(tmp_path):
+    """Training over the acceptance check's folder (corrupt shard, null/empty rows, bad JSONL
+    lines) runs through several passes; each bad item is counted once, in the first pass."""
+    d = mixed_folder(tmp_path / "mixed")
+    s = TokenStream(DataConfig(source=str(d), val_percent=0, test_percent=0), block_size=64, batch_size=4)
+    it = iter(s)
+    while s.pass_index < 3:
+        next(it)
+    assert s.skipped == Counter({"unreadable_file": 1, "null_text": 25, "empty_text": 25, "invalid_utf8": 1,
+                                 "invalid_json": 1, "missing_field": 1})
+    state = json.loads(json.dumps(s.state_dict()))
+    it.close()
+    r = TokenStream(DataConfig(source=str(d), val_percent=0, test_percent=0), block_size=64, batch_size=4)
+    r.load_state_dict(state)
+    next(iter(r))
+    assert r.skipped == s.skipped  # the counts travel with the state
 
 
 def test_zero_usable_documents_is_an_error(tmp_path):

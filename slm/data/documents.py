@@ -33,15 +33,17 @@ class SkipLog:
         self.counting = True  # off for passes after the first: the same bad rows again
         self._warned: Counter = Counter()
 
-    def skip(self, reason: str, where, n: int = 1) -> None:
+    def skip(self, reason: str, where, detail: str = "") -> None:
+        """Count one skipped file/row group/row; `where` may be a function (called only to warn)."""
         if not self.counting:
             return
-        self.counts[reason] += n
+        self.counts[reason] += 1
         if self._warned[reason] < self.max_warnings:
             self._warned[reason] += 1
             last = self._warned[reason] == self.max_warnings
-            log.warning("slm data: skipped %s: %s%s", where() if callable(where) else where, reason,
-                        f" (further '{reason}' skips are counted, not shown)" if last else "")
+            log.warning("slm data: skipped %s: %s%s%s", where() if callable(where) else where, reason,
+                        f" ({detail})" if detail else "",
+                        f"; further '{reason}' skips are counted, not shown" if last else "")
 
 
 class Splitter:

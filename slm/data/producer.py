@@ -112,7 +112,8 @@ class Producer:
     # -- reading ---------------------------------------------------------------------------
 
     def _file_rows(self, p: int, fp: int, f: int, unit: int, row: int, offset: int):
-        """(file position, unit, first row, unit offset, values) of file f from the given position.
+        """(file position, unit, first row, unit offset, values, where) of file f from the given
+        position; where(i) names the i-th value's place for warnings.
         Remote read errors are retried from the last position delivered; permanent ones skip
         the row group (parquet) or the rest of the file."""
         shard = self.source.shards[f]
@@ -121,10 +122,11 @@ class Producer:
         try:
             with_retries(reader.open, f"opening {shard.name}", cfg.retries, remote)
         except FileSkip as e:
-            self.skips.skip(e.reason, f"{shard.name} ({e})")
+            self.skips.skip(e.reason, shard.name, str(e))
+            reader.close()
             return
         except Exception as e:
-            self.skips.skip("unreadable_file", f"{shard.name} ({type(e).__name__}: {e})")
+            self.skips.skip("unreadable_file", shard.name, f"{type(e).__name__}: {e}")
             reader.close()
             return
         n_units = reader.units()
@@ -139,7 +141,7 @@ class Producer:
                         batches = reader.rows(lambda u: self.owns(f, u), unit, row, offset)
                     for u, r, off, values in batches:
                         self.stats["rows"] += len(values)
-                        yield fp, u, r, off, values
+                        yield fp, u, r, off, values, lambda i: f"{shard.name} {reader.where(u, r + i)}"
                         unit, row, offset, attempt = u, r + len(values), off, 0
                     return
                 except Exception as e:
@@ -151,16 +153,16 @@ class Producer:
                         try:
                             with_retries(reader.open, f"reopening {shard.name}", cfg.retries, remote)
                         except Exception as e2:
-                            self.skips.skip("read_error", f"rest of {shard.name} ({type(e2).__name__}: {e2})")
+                            self.skips.skip("read_error", f"rest of {shard.name}", f"{type(e2).__name__}: {e2}")
                             return
                         continue
                     failed = getattr(reader, "current", None)
                     if order is not None and failed is not None and failed < len(order):
-                        self.skips.skip("unreadable_row_group",
-                                        f"{shard.name} row group {order[failed]} ({type(e).__name__}: {e})")
+                        self.skips.skip("unreadable_row_group", f"{shard.name} row group {order[failed]}",
+                                        f"{type(e).__name__}: {e}")
                         unit, row = failed + 1, 0
                         continue
-                    self.skips.skip("read_error", f"rest of {shard.name} ({type(e).__name__}: {e})")
+                    self.skips.skip("read_error", f"rest of {shard.name}", f"{type(e).__name__}: {e}")
                     return
         finally:
             reader.close()
@@ -174,10 +176,8 @@ class Producer:
         """(file index, text) of this consumer's documents, in read order, one pass (for inspection)."""
         self.skips.counting = True
         order = self.file_order(0)
-        for fp, u, r, off, values in self._rows({k: 0 for k in CURSOR}, order):
-            name = self.source.shards[order[fp]].name
-            for _, text in documents(values, self.cfg.max_doc_chars, self.skips,
-                                     lambda i: f"{name} unit {u} row {r + i}", self.lo, self.hi):
+        for fp, _, _, _, values, where in self._rows({k: 0 for k in CURSOR}, order):
+            for _, text in documents(values, self.cfg.max_doc_chars, self.skips, where, self.lo, self.hi):
                 yield order[fp], text
 
     def _windows(self, c: dict) -> Iterator[_Window]:
@@ -191,9 +191,7 @@ class Producer:
             order = self.file_order(p)
             docs: list[str] = []
             start, start_skipped = dict(c), dict(self.skips.counts)
-            for fp, u, r, off, values in self._rows(c, order):
-                name = self.source.shards[order[fp]].name
-                where = lambda i: f"{name} unit {u} row {r + i}"  # noqa: E731
+            for fp, u, r, off, values, where in self._rows(c, order):
                 for i, text in documents(values, max_chars, self.skips, where, self.lo, self.hi):
                     docs.append(text)
                     if len(docs) == W:
@@ -313,6 +311,7 @@ def run_worker(cfg, source, split, consumer, consumers, seed, loop, shuffle, pos
         producer = Producer(cfg, source, split, consumer, consumers, seed, loop, shuffle, position)
         for item in producer.batches(n):
             if not put_until_stopped(q, ("batch", *item), stop):
+                q.cancel_join_thread()  # stopping: unsent batches may be dropped, don't wait to flush them
                 return
         put_until_stopped(q, ("end",), stop)
     except SlmError as e:

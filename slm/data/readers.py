@@ -103,6 +103,7 @@ class ParquetReader:
     def rows(self, order: list[int], pos: int, row: int) -> Iterator[Batch]:
         """Row groups order[pos:], starting at `row` of the first; `unit` in a batch is the index
         into `order`, offsets are 0."""
+        self._order = order
         for p in range(pos, len(order)):
             self.current = p
             skip = row if p == pos else 0
@@ -116,6 +117,9 @@ class ParquetReader:
                 lo = max(0, skip - r)
                 yield p, r + lo, 0, (col.slice(lo) if lo else col).to_pylist()
                 r += n
+
+    def where(self, unit: int, row: int) -> str:
+        return f"row group {self._order[unit]} row {row}"
 
     def close(self) -> None:
         if self._file is not None and not isinstance(self._file, str):
@@ -200,6 +204,9 @@ class _LineBasedReader:
         if values:
             yield u, first, unit_offset, values
 
+    def where(self, unit: int, row: int) -> str:
+        return f"{self.record} {unit * ROWS_PER_UNIT + row + 1}"
+
     def close(self) -> None:
         if self._f is not None:
             self._f.close()
@@ -207,6 +214,8 @@ class _LineBasedReader:
 
 
 class JsonlReader(_LineBasedReader):
+    record = "line"
+
     def _records(self):
         while True:
             line, start = self._line()
@@ -240,6 +249,8 @@ class JsonlReader(_LineBasedReader):
 
 class ParagraphReader(_LineBasedReader):
     """.txt in paragraph mode: records are runs of non-blank lines."""
+
+    record = "paragraph"
 
     def _records(self):
         parts: list[bytes] = []
@@ -295,6 +306,9 @@ class TextFileReader:
             yield 0, 0, 0, [data.decode("utf-8").strip()]
         except UnicodeDecodeError:
             yield 0, 0, 0, [Bad("invalid_utf8")]
+
+    def where(self, unit: int, row: int) -> str:
+        return "(the whole file)"
 
     def close(self) -> None:
         pass
