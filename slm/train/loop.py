@@ -138,12 +138,16 @@ class _Closer:
 
 
 def _trim_targets(batch, budget: int):
-    """Drop whole rows past a target-token budget (None when nothing is left)."""
+    """Mask targets past a token budget (None when nothing is left), so exactly `budget` count."""
     if budget <= 0:
         return None
-    per_row = (batch[-1] != IGNORE_INDEX).sum(dim=1)
-    rows = int((per_row.cumsum(0) <= budget).sum()) or 1
-    return tuple(t[:rows] for t in batch)
+    valid = batch[-1] != IGNORE_INDEX
+    over = valid & (valid.flatten().cumsum(0).view_as(valid) > budget)
+    if not over.any():
+        return batch
+    rows = int(valid.sum(dim=1).cumsum(0).lt(budget).sum()) + 1  # rows holding the budget's tokens
+    targets = batch[-1].masked_fill(over, IGNORE_INDEX)
+    return tuple(t[:rows] for t in (*batch[:-1], targets))
 
 
 def _rng_state(device: torch.device) -> dict:
