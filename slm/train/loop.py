@@ -45,7 +45,7 @@ from slm.train import distributed as D
 from slm.train.checkpoints import CheckpointManager, load_optimizer, optimizer_to_tensors
 from slm.train.config import TrainConfig
 from slm.train.guards import BadStepGuard, SpikeDetector
-from slm.train.hardware import cpu_bf16_native, peak_flops
+from slm.train.hardware import cpu_bf16_native, peak_flops, peak_memory
 from slm.train.metrics import METRICS_FILE, MetricsLog, Progress, Speedometer, format_duration
 from slm.train.optim import lr_at, make_optimizer, set_lr
 
@@ -518,6 +518,7 @@ class Trainer:
             "nonfinite_skips": self.bad.total,
             "loss_spikes": self.spikes.spikes,
             "rollbacks": self.rollbacks,
+            "peak_memory_bytes": peak_memory(self.device),
             "dtype": "bf16" if self.amp_dtype == torch.bfloat16 else "fp32",
             "device": self.device.type,
             "world_size": self.info.world_size,
@@ -561,6 +562,9 @@ def describe_summary(s: dict) -> str:
                      f"({s['checkpoint_seconds'] / s['checkpoint_saves']:.2f} s and "
                      f"{s['checkpoint_bytes_per_save'] / 1e6:.1f} MB per save), "
                      f"{100 * s['checkpoint_share']:.1f}% of wall time")
+    if s.get("planned_memory_bytes"):
+        lines.append(f"memory: planned {s['planned_memory_bytes'] / 2**30:.2f} GiB, measured peak "
+                     f"{s['peak_memory_bytes'] / 2**30:.2f} GiB")
     if s["best_checkpoint"] or s["last_checkpoint"]:
         lines.append(f"best checkpoint {s['best_checkpoint'] or s['last_checkpoint']}")
     if s["nonfinite_skips"] or s["loss_spikes"]:

@@ -28,7 +28,7 @@ from slm.train.config import RUN_CONFIG_FILE, RunConfig, save_run_config
 from slm.train.loop import Trainer, TrainTask, resolve_amp_dtype
 from slm.train.losses import CausalLMLoss
 from slm.train.metrics import METRICS_FILE, Progress
-from slm.train.plan import PlanRequest, alternative_flags, check_fits, format_plan
+from slm.train.plan import PlanRequest, alternative_flags, check_fits, format_plan, memory_breakdown, runtime_bytes
 
 PREFIX = "model."  # CausalLMLoss holds the GPT as .model
 SUMMARY_FILE = "summary.json"
@@ -128,15 +128,15 @@ def plan_request(run: RunConfig, device: torch.device, world_size: int) -> PlanR
                        memory_gb=run.train.memory_gb)
 
 
-def check_memory(run: RunConfig, info: D.DistInfo, report) -> None:
-    if not run.train.check_memory:
-        return
+def check_memory(run: RunConfig, info: D.DistInfo, report) -> int:
+    """The planned peak memory per process/device; refuses (printing the plan) what will not fit."""
     req = plan_request(run, info.device, info.world_size)
     if req.device == "cpu":
         req.num_gpus = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # processes sharing this machine's RAM
-    plan = check_fits(req)
+    planned = sum(memory_breakdown(req, runtime_bytes(req.device)).values())
+    plan = check_fits(req) if run.train.check_memory else None
     if plan is None:
-        return
+        return planned
     report(format_plan(plan))
     alt = plan.get("alternative")
     hint = (f"try {alternative_flags(alt)}" if alt else "choose a smaller model")
@@ -159,7 +159,7 @@ def train(run: RunConfig, out: str | Path, resume: bool = False, quiet: bool = F
         if info.is_main and not resume and has_run(out):
             raise SlmError(f"{out} already holds a training run; pass --resume to continue it, or choose another --out")
         check_source(run.data, split="train")
-        check_memory(run, info, lambda text: print(text, file=sys.stderr) if info.is_main else None)
+        planned = check_memory(run, info, lambda text: print(text, file=sys.stderr) if info.is_main else None)
         if info.is_main:
             out.mkdir(parents=True, exist_ok=True)
         D.barrier(info)
@@ -173,6 +173,7 @@ def train(run: RunConfig, out: str | Path, resume: bool = False, quiet: bool = F
                 trainer.resume()
             report(f"model: {run.model.num_params() / 1e6:.1f}M parameters; data: {run.data.source}; run: {out}")
             summary = trainer.fit()
+            summary["planned_memory_bytes"] = planned
             summary["out"] = str(out)
             if info.is_main:
                 _write_summary(out, summary)
