@@ -54,6 +54,14 @@ def test_all_targets_ignored_gives_zero_not_nan(small_chunks):
     assert loss.item() == 0.0 and torch.isfinite(h.grad).all()
 
 
+def test_extreme_logits_keep_an_exact_finite_loss(small_chunks):
+    h, w, t = _case()
+    h = (h * 200).detach().requires_grad_()  # softmax of the target underflows to 0 on many rows
+    loss = linear_cross_entropy(h, w, t)
+    ref = F.cross_entropy(h @ w.t(), t, ignore_index=-100)
+    assert torch.isfinite(loss) and torch.allclose(loss, ref, rtol=1e-5)
+
+
 def test_bf16_autocast_close_to_fp32(small_chunks):
     h, w, t = _case(n=64, d=32, v=200)
     with torch.autocast("cpu", dtype=torch.bfloat16):

@@ -90,6 +90,28 @@ def cpu_bf16_native() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags or caps.startswith("AMX")
 
 
+def keep_freed_memory() -> bool:
+    """Tell glibc's malloc to serve every allocation from its heap and keep freed memory for
+    reuse (M_MMAP_MAX=0, a high M_TRIM_THRESHOLD). By default it maps allocations above 32 MB
+    fresh from the OS and unmaps them on free, so a training step's large tensors (logits,
+    activations) are page-faulted and zeroed anew every step: on this 2-core VM that cost the
+    cross-entropy alone ~35% (bench/train.py). Process-wide; the peak is reused, never exceeded.
+    Returns whether it applied (glibc only)."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    if not name:
+        return False
+    try:
+        libc = ctypes.CDLL(name)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
+    return bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, 1 << 40))
+
+
 def peak_memory(device: torch.device) -> int:
     """Peak memory of this process so far: resident set on CPU, allocated bytes on a GPU."""
     if device.type == "cuda":

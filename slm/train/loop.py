@@ -45,7 +45,7 @@ from slm.train import distributed as D
 from slm.train.checkpoints import CheckpointManager, load_optimizer, optimizer_to_tensors
 from slm.train.config import TrainConfig
 from slm.train.guards import BadStepGuard, SpikeDetector
-from slm.train.hardware import cpu_bf16_native, peak_flops, peak_memory
+from slm.train.hardware import cpu_bf16_native, keep_freed_memory, peak_flops, peak_memory
 from slm.train.metrics import METRICS_FILE, MetricsLog, Progress, Speedometer, format_duration
 from slm.train.optim import lr_at, make_optimizer, set_lr
 
@@ -177,6 +177,8 @@ class Trainer:
         self.amp_dtype = resolve_amp_dtype(cfg.dtype, self.device)
         if self.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True  # fp32 runs use TF32 tensor cores
+        else:
+            keep_freed_memory()  # no page faults on each step's large tensors (hardware.py)
         task.module.to(self.device)
         self.module = D.wrap(task.module, self.info, cfg.fsdp, task.shard_units)
         if cfg.compile:
@@ -260,8 +262,10 @@ class Trainer:
         D.all_reduce_sum(stats, self.info)
         loss_value = stats[0].item() / self.info.world_size
         signal_flag, time_up, ckpt_due = stats[2] > 0, stats[3] > 0, stats[4] > 0
-        norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+        norm = torch.nn.utils.get_total_norm([p.grad for p in self.params if p.grad is not None])
         grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+        if 0 < cfg.grad_clip < grad_norm < math.inf:  # scaling every gradient only when it changes something
+            torch.nn.utils.clip_grads_with_norm_(self.params, cfg.grad_clip, norm)
         applied = self.bad.check(loss_value, grad_norm)
         if applied:
             self.optimizer.step()

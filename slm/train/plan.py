@@ -10,8 +10,8 @@ bf16 autocast or fp32, the chunked loss of losses.py):
   4d input and GELU output), or 38 bytes per width unit under bf16 autocast, where the residual
   stream stays fp32 and matmul inputs are bf16 copies; plus attention's log-sum-exp; with
   dropout, the masks and the materialized attention matrix;
-- the loss: the head's weight gradient and one chunk of logits (losses.py), bf16 weight copies
-  under autocast;
+- the loss: the head's weight gradient and one chunk of logits and probabilities (losses.py),
+  bf16 copies under autocast;
 - the runtime: this process's own footprint on CPU (Python, torch and libraries, measured), an
   assumed CUDA context on GPUs.
 
@@ -88,10 +88,11 @@ def activation_bytes(cfg: ModelConfig, batch_size: int, bf16: bool) -> int:
 
 
 def loss_bytes(cfg: ModelConfig, batch_size: int, bf16: bool) -> int:
-    """The chunked loss: hidden-state and head-weight gradients, one chunk of logits, casts."""
+    """The chunked loss: hidden-state and head-weight gradients, one chunk's logits and
+    probabilities, the bf16 head weight under autocast."""
     V, d, N = cfg.vocab_size, cfg.n_embd, batch_size * cfg.block_size
     rows = min(losses.CHUNK_ROWS, N)
-    chunk = rows * V * 4 + (rows * V * 2 * 2 if bf16 else 0)  # fp32 logits (+ bf16 product and gradient)
+    chunk = rows * V * (4 if bf16 else 8) + V * d * (2 if bf16 else 4)  # logits + probabilities, a grad_w term
     weight_cast = V * d * 2 if bf16 else 0
     return N * d * 4 + V * d * 4 + chunk + weight_cast
 
