@@ -31,7 +31,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         valid = targets != IGNORE_INDEX
         # 1/targets on valid rows, 0 elsewhere: applied to the small hidden-state rows, never to logits
         row_scale = (valid / valid.sum().clamp(min=1)).unsqueeze(1).to(h.dtype)
-        safe_targets = torch.where(valid, targets, 0).unsqueeze(1)
+        safe_targets = torch.where(valid, targets, 0)
         w = weight.to(compute_dtype)
         grad_h = torch.empty_like(h) if needs_grad else None
         grad_w = None
@@ -39,20 +39,23 @@ class _LinearCrossEntropy(torch.autograd.Function):
         for s in range(0, n, CHUNK_ROWS):
             e = min(s + CHUNK_ROWS, n)
             hc, tgt, scale = h[s:e].to(compute_dtype), safe_targets[s:e], row_scale[s:e]
+            rows = torch.arange(e - s, device=h.device)
             logits = torch.mm(hc, w.t())
             # one pass over the logits: softmax in their dtype (accumulating in fp32), which is also
             # the gradient's dtype for the matmuls below
             probs = torch.softmax(logits, dim=1)
-            log_p = torch.log(probs.gather(1, tgt).float())
+            p_target = probs[rows, tgt]
+            log_p = torch.log(p_target.float())
             under = torch.isinf(log_p)  # p_target underflowed: that row's loss exactly, from its logits
             if under.any():
-                rows = under.squeeze(1)
-                log_p[rows] = torch.log_softmax(logits[rows].float(), dim=1).gather(1, tgt[rows])
+                log_p[under] = torch.log_softmax(logits[under].float(), dim=1)[torch.arange(int(under.sum())),
+                                                                                tgt[under]]
             del logits
-            loss -= torch.where(valid[s:e].unsqueeze(1), log_p * scale.float(), 0.0).sum()
+            loss -= torch.where(valid[s:e], log_p * scale.float().squeeze(1), 0.0).sum()
             if needs_grad:
-                # d(loss)/d(logits) = (softmax - onehot) * scale; the scale goes on the small side
-                probs.scatter_(1, tgt, probs.gather(1, tgt) - 1)
+                # d(loss)/d(logits) = (softmax - onehot) * scale; the scale goes on the small side.
+                # (index_put_, not scatter_: on CPU scatter_ copies the whole tensor.)
+                probs.index_put_((rows, tgt), p_target - 1)
                 grad_h[s:e] = torch.mm(probs, w).mul_(scale.to(compute_dtype))
                 gw = torch.mm(probs.t(), hc * scale.to(compute_dtype))
                 del probs
