@@ -57,6 +57,8 @@ class TrainConfig:
         "choices": ["auto", "fp32", "bf16"]})
     compile: bool = field(default=False, metadata={"help": "torch.compile the model (pays off on long runs)"})
     device: str = field(default="auto", metadata={"help": "cpu, cuda, cuda:N or auto"})
+    threads: int | None = field(default=None, metadata={
+        "help": "CPU threads (default: one per core; on a busy machine 1 can be faster)"})
     fsdp: bool = field(default=False, metadata={"help": "shard weights, gradients and optimizer over ranks (FSDP)"})
     memory_gb: float | None = field(default=None, metadata={
         "help": "device memory to plan for, GB (default: what the device reports)"})
@@ -80,7 +82,7 @@ class TrainConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise SlmError(f"{name} must be at least 1, got {getattr(self, name)}")
-        for name in ("max_steps", "ckpt_every", "warmup_steps"):
+        for name in ("max_steps", "ckpt_every", "warmup_steps", "threads"):
             v = getattr(self, name)
             if v is not None and v < (0 if name == "warmup_steps" else 1):
                 raise SlmError(f"{name} must be positive, got {v}")

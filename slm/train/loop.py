@@ -179,6 +179,8 @@ class Trainer:
             torch.backends.cuda.matmul.allow_tf32 = True  # fp32 runs use TF32 tensor cores
         else:
             keep_freed_memory()  # no page faults on each step's large tensors (hardware.py)
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
         task.module.to(self.device)
         self.module = D.wrap(task.module, self.info, cfg.fsdp, task.shard_units)
         if cfg.compile:
