@@ -29,6 +29,7 @@ test-slow: setup
 bench: setup
 	$(BIN)/python bench/generate.py
 	$(BIN)/python bench/tokenizer.py
+	$(BIN)/python bench/data.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -19,7 +19,8 @@ def register(sub) -> None:
     q = data.add_parser("inspect", help="files, columns, a sample, document/token statistics, splits, skipped input")
     q.add_argument("source", metavar="SOURCE", help=DataConfig.__dataclass_fields__["source"].metadata["help"])
     add_dataclass_args(q, DataConfig, exclude=_INSPECT_EXCLUDE)
-    q.add_argument("--max-docs", type=int, default=20_000, help="statistics over the first N documents (default: 20000)")
+    q.add_argument("--max-docs", type=int, default=20_000,
+                   help="statistics over the first N documents (default: 20000)")
     q.add_argument("--json", action="store_true", help="print one JSON object")
     q.set_defaults(func=cmd_inspect)
 

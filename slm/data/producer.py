@@ -206,12 +206,17 @@ class Producer:
             if not self.loop:
                 return
             if fresh and not found:
-                skipped = ", ".join(f"{k}={v}" for k, v in sorted(self.skips.counts.items())) or "none"
-                where = f"rank/worker {self.consumer} of {self.consumers}" if self.consumers > 1 else "it"
-                raise SlmError(f"no usable documents in the {self.split} split of {self.source.spec!r} for {where} "
-                               f"({len(self.source.shards)} file(s); skipped: {skipped}); check the path, "
-                               f"--text-field ({self.cfg.text_field!r}) and the split percentages")
+                raise SlmError(self._nothing_found())
             c = {"pass": p + 1, "window": 0, "file": 0, "unit": 0, "row": 0, "offset": 0}
+
+    def _nothing_found(self) -> str:
+        skipped = ", ".join(f"{k}={v}" for k, v in sorted(self.skips.counts.items())) or "nothing"
+        msg = (f"no usable documents in the {self.split} split of {self.source.spec!r} "
+               f"({len(self.source.shards)} file(s); skipped: {skipped})")
+        if self.consumers > 1:
+            msg += (f" for loader {self.consumer} of {self.consumers} (ranks x workers): each needs its own share of "
+                    f"the files' units (parquet row groups, blocks of 1024 lines); use fewer workers or more files")
+        return msg + f"; check the path, --text-field ({self.cfg.text_field!r}) and the split percentages"
 
     def _window(self, cursor: dict, skipped: dict, docs: list[str]) -> _Window:
         if self.shuffle and len(docs) > 1:
@@ -294,6 +299,23 @@ class Producer:
 # Messages to the consumer: ("batch", tokens, position, progress), ("end",) or ("error", exception).
 
 
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory. Linux: VmHWM, which starts afresh at exec (ru_maxrss
+    would carry over the parent's peak into a spawned process)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
+
+
 def put_until_stopped(q, item, stop) -> bool:
     """Put into a bounded queue, giving up (False) once `stop` is set."""
     while not stop.is_set():
@@ -309,8 +331,11 @@ def run_worker(cfg, source, split, consumer, consumers, seed, loop, shuffle, pos
     """A loader process (it never imports torch): batches for one consumer until stopped or the split ends."""
     try:
         producer = Producer(cfg, source, split, consumer, consumers, seed, loop, shuffle, position)
-        for item in producer.batches(n):
-            if not put_until_stopped(q, ("batch", *item), stop):
+        for i, (flat, pos, progress) in enumerate(producer.batches(n)):
+            if i % 64 == 0:
+                peak = peak_rss_bytes()
+            progress["worker_peak_rss_bytes"] = peak  # the stream sums it over workers
+            if not put_until_stopped(q, ("batch", flat, pos, progress), stop):
                 q.cancel_join_thread()  # stopping: unsent batches may be dropped, don't wait to flush them
                 return
         put_until_stopped(q, ("end",), stop)

@@ -8,7 +8,9 @@ wait on tokenization.
 `state_dict()` is the position right after the last batch the caller received (not what the
 background producers have made ahead): every worker's position and whose turn is next. It is a
 small JSON-serializable dict; `load_state_dict()` makes the next `iter()` continue exactly
-there, re-reading only the current shuffle window of each worker.
+there, re-reading only the current shuffle window of each worker. Positions count tokens, so
+block and batch size may change across a resume; source, split, seed, shuffle, rank, world
+size and worker count may not (refused with a message).
 """
 
 from __future__ import annotations
@@ -42,7 +44,8 @@ class TokenStream:
             raise SlmError(f"rank must be in [0, world_size), got rank {rank} of {world_size}")
         if seed < 0:
             raise SlmError(f"seed must be >= 0, got {seed}")
-        self.cfg, self.split, self.loop, self.seed, self.shuffle = cfg, split, loop, seed, shuffle
+        self.cfg, self.split, self.loop, self.seed = cfg, split, loop, seed
+        self.shuffle = split == "train" if shuffle is None else shuffle  # evaluation reads in file order
         self.block_size, self.batch_size = block_size, batch_size
         self.rank, self.world_size = rank, world_size
         self.source = source or resolve_source(cfg.source, cfg.retries)
@@ -95,7 +98,7 @@ class TokenStream:
             hint = " (the data files changed since the state was saved)" if "source" in differ else ""
             raise SlmError(f"the saved data position does not fit this stream: {', '.join(differ)} differ{hint}; "
                            f"resume with the same data source and settings")
-        self._state = {"positions": copy.deepcopy(state["positions"]), "next": state["next"], "batches": state["batches"]}
+        self._state = {k: copy.deepcopy(state[k]) for k in ("positions", "next", "batches")}
         self._progress = [{} for _ in range(self.workers)]
 
     # -- iteration -------------------------------------------------------------------------
