@@ -316,30 +316,36 @@ def peak_rss_bytes() -> int:
     return peak if sys.platform == "darwin" else peak * 1024
 
 
-def put_until_stopped(q, item, stop) -> bool:
-    """Put into a bounded queue, giving up (False) once `stop` is set."""
+def put_until_stopped(q, item, stop, parent=None) -> bool:
+    """Put into a bounded queue, giving up (False) once `stop` is set or the parent process is gone
+    (a SIGKILLed trainer does not stop its daemon processes)."""
     while not stop.is_set():
         try:
             q.put(item, timeout=0.1)
             return True
         except queue.Full:
-            pass
+            if parent is not None and not parent.is_alive():
+                return False
     return False
 
 
 def run_worker(cfg, source, split, consumer, consumers, seed, loop, shuffle, position, n, q, stop) -> None:
     """A loader process (it never imports torch): batches for one consumer until stopped or the split ends."""
+    import multiprocessing
+
+    parent = multiprocessing.parent_process()
     try:
         producer = Producer(cfg, source, split, consumer, consumers, seed, loop, shuffle, position)
         for i, (flat, pos, progress) in enumerate(producer.batches(n)):
             if i % 64 == 0:
                 peak = peak_rss_bytes()
             progress["worker_peak_rss_bytes"] = peak  # the stream sums it over workers
-            if not put_until_stopped(q, ("batch", flat, pos, progress), stop):
+            if not put_until_stopped(q, ("batch", flat, pos, progress), stop, parent):
                 q.cancel_join_thread()  # stopping: unsent batches may be dropped, don't wait to flush them
                 return
-        put_until_stopped(q, ("end",), stop)
+        put_until_stopped(q, ("end",), stop, parent)
     except SlmError as e:
-        put_until_stopped(q, ("error", e), stop)
+        put_until_stopped(q, ("error", e), stop, parent)
     except BaseException:
-        put_until_stopped(q, ("error", RuntimeError(f"data loader process failed:\n{traceback.format_exc()}")), stop)
+        error = RuntimeError(f"data loader process failed:\n{traceback.format_exc()}")
+        put_until_stopped(q, ("error", error), stop, parent)

@@ -99,14 +99,14 @@ def backoff_delay(attempt: int, base: float = 1.0, cap: float = 60.0) -> float:
     return random.uniform(0, min(cap, base * 2 ** attempt))
 
 
-def with_retries(fn, what: str, retries: int, remote: bool = True):
+def with_retries(fn, what: str, retries: int, remote: bool = True, permanent: tuple = ()):
     """fn(), retried `retries` times with backoff on transient errors of remote filesystems."""
     attempt = 0
     while True:
         try:
             return fn()
         except Exception as e:
-            if not remote or attempt >= retries or not is_transient(e):
+            if not remote or attempt >= retries or not is_transient(e) or isinstance(e, permanent):
                 raise
             delay = backoff_delay(attempt)
             log.warning("%s failed (%s: %s); retry %d/%d in %.1fs", what, type(e).__name__, e, attempt + 1,
@@ -224,11 +224,12 @@ def _hub_filesystem(repo: str, retries: int):
     sees the same files even if the repository changes meanwhile."""
     try:
         from huggingface_hub import HfApi, HfFileSystem
-        from huggingface_hub.errors import RepositoryNotFoundError
+        from huggingface_hub.errors import OfflineModeIsEnabled, RepositoryNotFoundError
     except ImportError:
         raise SlmError("hf: sources need huggingface_hub: pip install 'slm[hf]'") from None
     try:
-        sha = with_retries(lambda: HfApi().dataset_info(repo).sha, f"looking up {repo} on the hub", retries)
+        sha = with_retries(lambda: HfApi().dataset_info(repo).sha, f"looking up {repo} on the hub", retries,
+                           permanent=(OfflineModeIsEnabled,))
     except RepositoryNotFoundError:
         raise SlmError(f"dataset {repo!r} not found on the Hugging Face Hub (or it is private: set HF_TOKEN)") from None
     except Exception as e:

@@ -217,4 +217,6 @@ def _get(q, proc, poll: float = 1.0):
             return q.get(timeout=poll)
         except queue.Empty:
             if not proc.is_alive():
-                raise SlmError(f"data loader process {proc.name} died (exit code {proc.exitcode})") from None
+                raise SlmError(f"data loader process {proc.name} died (exit code {proc.exitcode}; its error is above). "
+                               f"Loader processes are spawned: a script that starts them needs the "
+                               f"`if __name__ == '__main__':` guard") from None
