@@ -153,6 +153,7 @@ def main() -> None:
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "data.json"))
     args = ap.parse_args()
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    load_before = os.getloadavg()
     tmp = Path(tempfile.mkdtemp(prefix="slm-bench-data-"))
     try:
         small = build_corpus(tmp / "small")
@@ -179,7 +180,7 @@ def main() -> None:
         slm = best["slm, 1 process (background thread)"]["tokens_per_s"]
         out = {
             "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
-            "load_average_before": os.getloadavg(),
+            "load_average_before": load_before,
             "corpus": {"parquet_mb": round(mb, 1), "files": len(files)},
             "batch": [B, T],
             "rows": [{"way": k, **v} for k, v in best.items()],
