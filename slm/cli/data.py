@@ -12,6 +12,12 @@ from slm.data.config import DataConfig
 _INSPECT_EXCLUDE = ("source", "shuffle_buffer", "num_workers", "prefetch")
 
 
+def add_data_args(p, exclude=()) -> None:
+    """`--data SOURCE` plus one flag per DataConfig field, for commands that stream data (train,
+    eval); `from_args(DataConfig, args)` builds the config."""
+    add_dataclass_args(p, DataConfig, exclude=exclude, rename={"source": "--data"})
+
+
 def register(sub) -> None:
     p = sub.add_parser("data", help="inspect a data source or measure the loader's speed")
     data = p.add_subparsers(dest="data_command", metavar="SUBCOMMAND", required=True)
