@@ -260,7 +260,7 @@ class Producer:
 
     def batches(self, n: int) -> Iterator[tuple[np.ndarray, dict, dict]]:
         """(n+1 tokens as uint32, position after this batch, progress) until the split ends
-        (never, when looping). A finite stream drops its last, incomplete window."""
+        (never, when looping). A finite stream drops its last, incomplete batch."""
         pending: deque[_Segment] = deque()
         have = 0
         for seg in self._segments():
