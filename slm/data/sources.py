@@ -153,7 +153,7 @@ def _url(fs, path: str) -> str:
     return path if _is_local(fs) else fs.unstrip_protocol(path)
 
 
-def _list_files(fs, path: str, spec: str, retries: int, root: str | None = None) -> Source:
+def _list_files(fs, path: str, spec: str, retries: int) -> Source:
     remote = not _is_local(fs)
     call = lambda fn, what: with_retries(fn, what, retries, remote)  # noqa: E731
     explicit_file = False
@@ -161,13 +161,13 @@ def _list_files(fs, path: str, spec: str, retries: int, root: str | None = None)
         paths = call(lambda: fs.glob(path, detail=True), f"listing {spec}")
         if not paths:
             raise SlmError(f"data source {spec!r} matches no files")
-        root = root or path.split("*")[0].split("?")[0].split("[")[0].rstrip("/").rsplit("/", 1)[0]
+        root = re.split(r"[*?\[]", path, maxsplit=1)[0].rsplit("/", 1)[0]  # the directory before the pattern
     elif call(lambda: fs.isdir(path), f"listing {spec}"):
         paths = call(lambda: fs.find(path, detail=True), f"listing {spec}")
-        root = root or path
+        root = path
     elif call(lambda: fs.exists(path), f"opening {spec}"):
         paths = {path: call(lambda: fs.info(path), f"opening {spec}")}
-        root, explicit_file = root or path.rsplit("/", 1)[0], True
+        root, explicit_file = path.rsplit("/", 1)[0], True
     else:
         raise SlmError(f"data source {spec!r} does not exist (no such file or directory); give a path, a URL, "
                        f"hf:OWNER/NAME, fineweb-edu or wiki-vital")
