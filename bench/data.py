@@ -147,8 +147,8 @@ def rss_run(d: Path, mode: str) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--seconds", type=float, default=8.0, help="measured time per loader and repeat")
-    ap.add_argument("--repeats", type=int, default=2, help="alternating repeats; the best is kept")
+    ap.add_argument("--seconds", type=float, default=6.0, help="measured time per loader and repeat")
+    ap.add_argument("--repeats", type=int, default=3, help="alternating repeats; the best is kept")
     ap.add_argument("--no-memory", action="store_true", help="skip the 2 GB memory check")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "data.json"))
     args = ap.parse_args()
