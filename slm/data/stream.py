@@ -19,13 +19,13 @@ import copy
 import multiprocessing as mp
 import queue
 import threading
-from collections import Counter
+from collections import Counter, deque
 
 import numpy as np
 import torch
 
 from slm.data.config import DataConfig
-from slm.data.producer import Producer, put_until_stopped, run_worker, start_position
+from slm.data.producer import Producer, group_size, grouped, put_until_stopped, run_worker, start_position
 from slm.data.sources import Source, resolve_source
 from slm.errors import SlmError
 
@@ -134,14 +134,15 @@ class TokenStream:
             yield 0, flat, position, progress
 
     def _thread_items(self, stop: threading.Event):
-        q: queue.Queue = queue.Queue(maxsize=self.cfg.prefetch)
-        producer = self._producer(0)
         n = self.batch_size * self.block_size
+        k = group_size(n, self.cfg.prefetch)
+        q: queue.Queue = queue.Queue(maxsize=max(1, self.cfg.prefetch // k))
+        producer = self._producer(0)
 
         def run():
             try:
-                for item in producer.batches(n):
-                    if not put_until_stopped(q, ("batch", *item), stop):
+                for group in grouped(producer.batches(n), k):
+                    if not put_until_stopped(q, ("batches", group), stop):
                         return
                 put_until_stopped(q, ("end",), stop)
             except BaseException as e:  # handed to the consumer, who raises it
@@ -156,7 +157,8 @@ class TokenStream:
                     return
                 if item[0] == "error":
                     raise item[1]
-                yield (0, *item[1:])
+                for batch in item[1]:
+                    yield (0, *batch)
         finally:
             stop.set()
             thread.join(timeout=5)
@@ -165,30 +167,35 @@ class TokenStream:
         """Round robin over worker processes, skipping those whose finite stream has ended."""
         ctx = mp.get_context("spawn")  # safe with torch's threads, and what CUDA needs
         n = self.batch_size * self.block_size
+        k = group_size(n, max(1, self.cfg.prefetch))
         queues, procs = [], []
         for w in range(self.workers):
-            q = ctx.Queue(maxsize=max(1, self.cfg.prefetch))
+            q = ctx.Queue(maxsize=max(1, self.cfg.prefetch // k))
             p = ctx.Process(target=run_worker, name=f"slm-data-{w}", daemon=True,
                             args=(self.cfg, self.source, self.split, self.rank * self.workers + w,
                                   self.world_size * self.workers, self.seed, self.loop, self.shuffle,
-                                  self._state["positions"][w], n, q, stop))
+                                  self._state["positions"][w], n, k, q, stop))
             p.start()
             queues.append(q)
             procs.append(p)
         live = [True] * self.workers
+        pending = [deque() for _ in range(self.workers)]  # batches of a worker's group not yet handed out
         w = self._state["next"]
         try:
             while any(live):
                 if not live[w]:
                     w = (w + 1) % self.workers
                     continue
-                item = _get(queues[w], procs[w])
-                if item[0] == "end":
-                    live[w] = False
-                elif item[0] == "error":
-                    raise item[1]
-                else:
-                    yield (w, *item[1:])
+                if not pending[w]:
+                    item = _get(queues[w], procs[w])
+                    if item[0] == "error":
+                        raise item[1]
+                    if item[0] == "end":
+                        live[w] = False
+                        w = (w + 1) % self.workers
+                        continue
+                    pending[w].extend(item[1])
+                yield (w, *pending[w].popleft())
                 w = (w + 1) % self.workers
         finally:
             stop.set()
