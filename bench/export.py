@@ -1,6 +1,8 @@
 """Decode speed of the same weights in slm, llama.cpp and transformers, side by side in one run.
 
-A gpt2-shaped (124M) random-init model (seed 0) is saved as an slm directory, exported with
+A gpt2-shaped (124M) random-init model (seed 0, token embedding scaled x10 so that its
+predictions are peaked rather than uniform, which makes greedy agreement and perplexity
+meaningful; the speed is the same) is saved as an slm directory, exported with
 `slm export` to a transformers directory and to GGUF f32 and q8_0, and each runtime decodes
 256 new tokens greedily after the same 16-token prompt, batch 1, 2 threads, best of N runs:
   slm-fp32        slm's generate loop, KV cache, decode layout (slm generate's default)
@@ -121,7 +123,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         torch.manual_seed(0)
-        model_dir = save_model(tmp / "gpt2", GPT(preset("gpt2")))
+        model = GPT(preset("gpt2"))
+        with torch.no_grad():
+            model.transformer.wte.weight.mul_(10)
+        model_dir = save_model(tmp / "gpt2", model)
+        del model
         prompt = torch.randint(0, 50257, (16,)).tolist()
         export_hf(model_dir, tmp / "hf")
         rows = [slm_row(model_dir, prompt, n, args.repeats)]
@@ -149,7 +155,7 @@ def main() -> None:
     result = {
         "machine": {"cpu": platform.processor() or platform.machine(), "threads": THREADS,
                     "torch": torch.__version__, "load_avg_1m_at_end": os.getloadavg()[0]},
-        "setup": {"model": "gpt2 (124M) random init seed 0", "batch": 1, "prompt_tokens": 16, "new_tokens": n,
+        "setup": {"model": "gpt2 (124M) random init seed 0, embedding x10", "batch": 1, "prompt_tokens": 16, "new_tokens": n,
                   "greedy": True, "repeats": args.repeats},
         "rows": [{k: (round(v, 2) if isinstance(v, float) else v) for k, v in r.items() if k != "tokens"} for r in rows],
         "ratios": {k: round(v, 3) for k, v in ratios.items()},

@@ -184,7 +184,8 @@ class Server:
             finally:  # also on a client disconnect: the generation stops, its slot frees
                 await items.aclose()
 
-        return EventSourceResponse(events(), ping=15)
+        # send_timeout: a client that stops reading (but keeps the socket open) is dropped too.
+        return EventSourceResponse(events(), ping=15, send_timeout=60)
 
 
 class ClientGone(Exception):
