@@ -175,6 +175,19 @@ def test_export_refusals(model_dir, tmp_path):
     assert main(["export", "--model", str(model_dir), "--format", "hf", "--dtype", "q8_0", "--out", str(tmp_path / "y")]) == 1
 
 
+def test_export_cli_json_and_errors(model_dir, tmp_path, capsys):
+    assert main(["export", "--model", str(model_dir), "--format", "gguf", "--dtype", "f16",
+                 "--out", str(tmp_path / "m.gguf"), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out == {"format": "gguf", "out": str(tmp_path / "m.gguf"), "dtype": "f16",
+                   "bytes": (tmp_path / "m.gguf").stat().st_size}
+    assert main(["convert", "--from-gguf", str(tmp_path / "nope.gguf"), "--out", str(tmp_path / "x")]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "GGUF file not found" in err and "Traceback" not in err
+    assert main(["export", "--model", str(tmp_path / "missing"), "--format", "hf", "--out", str(tmp_path / "y")]) == 1
+    assert "not a directory" in capsys.readouterr().err
+
+
 def test_from_gguf_refuses_other_architectures(tmp_path):
     from slm.interop.gguf import read_gguf_gpt2
     from slm.interop.hf_causal import resolve_alias

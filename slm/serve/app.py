@@ -19,6 +19,7 @@ import asyncio
 import hmac
 import json
 import logging
+import re
 import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -37,6 +38,7 @@ from slm.serve import protocol as p
 from slm.serve.engine import Busy, Engine, Job, Result
 
 log = logging.getLogger("slm.serve")
+_TYPE_TAG = re.compile(r"(str|int|float|bool|list|dict|none|[a-z-]+\[.*\])")
 
 
 @dataclass
@@ -270,9 +272,13 @@ def create_app(loaded: LoadedModel, cfg: ServeConfig | None = None) -> Guard:
         e = exc.errors()[0]
         if e.get("type") == "json_invalid":
             return error_response(p.APIError(400, f"the request body is not valid JSON: {e.get('ctx', {}).get('error', '')}"))
-        loc = [str(x) for x in e.get("loc", ()) if x != "body"]
+        # pydantic names the union member it tried ("str", "list[int]"): not part of the field's name
+        loc = [str(x) for x in e.get("loc", ()) if x != "body" and not _TYPE_TAG.fullmatch(str(x))]
         param = ".".join(loc) or None
-        return error_response(p.APIError(400, f"invalid {param or 'request body'}: {e.get('msg')}", param))
+        if param is None:
+            return error_response(p.APIError(400, "the request body must be a JSON object "
+                                                  "(Content-Type: application/json)"))
+        return error_response(p.APIError(400, f"invalid {param}: {e.get('msg')}", param))
 
     @app.exception_handler(SlmError)
     async def slm_error(request, err: SlmError):
