@@ -9,7 +9,10 @@ empty, so 1 client runs them one by one and 16 clients run 16 at a time.
 Measured per level: throughput (completion tokens over all clients / wall time), time to first
 token (request sent -> first text chunk) p50/p95, and per-token latency (gap between successive
 chunks of one stream) p50/p95. The server runs with --max-concurrency 16, so every client of a
-level generates at once (no batching: each request has its own thread and KV cache).
+level generates at once (no batching: each request has its own thread and KV cache), in two
+configurations: the default (torch's threads divided among concurrent requests: 1 thread per
+request here) and 2 threads per request (every request uses every core, oversubscribing them
+as soon as two run at once).
 
 Run: .venv/bin/python bench/serve.py [--requests 32] [--out bench/results/serve.json]
 """
@@ -54,10 +57,13 @@ def percentile(xs: list[float], q: float) -> float:
     return xs[min(len(xs) - 1, int(round(q / 100 * (len(xs) - 1))))]
 
 
-def start_server(model_dir: Path, port: int, concurrency: int) -> subprocess.Popen:
+CONFIGS = {"default (1 thread/request)": [], "2 threads/request": ["--threads-per-request", "2"]}
+
+
+def start_server(model_dir: Path, port: int, concurrency: int, extra: list[str]) -> subprocess.Popen:
     slm = Path(sys.executable).with_name("slm")
     proc = subprocess.Popen([str(slm), "serve", "--model", str(model_dir), "--port", str(port),
-                             "--max-concurrency", str(concurrency), "--log-level", "warning"],
+                             "--max-concurrency", str(concurrency), "--log-level", "warning", *extra],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0)
     for _ in range(600):
@@ -127,34 +133,40 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         torch.manual_seed(0)
         model_dir = save_model(Path(tmp) / "gpt2-random", GPT(preset("gpt2")))
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        proc = start_server(model_dir, port, max(LEVELS))
-        try:
-            model = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none").models.list().data[0].id
-            run_level(port, model, 1, 2)  # warm-up
-            rows = []
-            for clients in LEVELS:
-                rows.append(run_level(port, model, clients, args.requests))
-                r = rows[-1]
-                print(f"{clients:>3} clients: {r['throughput_tok_s']:6.1f} tok/s, TTFT p50 {r['ttft_p50_s']:.2f} s "
-                      f"p95 {r['ttft_p95_s']:.2f} s, per token p50 {r['per_token_p50_ms']:.0f} ms "
-                      f"p95 {r['per_token_p95_ms']:.0f} ms", flush=True)
-        finally:
-            proc.terminate()
-            proc.wait(30)
-    base = rows[0]["throughput_tok_s"]
+        rows = []
+        for config, extra in CONFIGS.items():
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                port = s.getsockname()[1]
+            proc = start_server(model_dir, port, max(LEVELS), extra)
+            try:
+                model = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none").models.list().data[0].id
+                run_level(port, model, 1, 2)  # warm-up
+                for clients in LEVELS:
+                    rows.append({"config": config, **run_level(port, model, clients, args.requests)})
+                    r = rows[-1]
+                    print(f"{config:<26}{clients:>3} clients: {r['throughput_tok_s']:6.1f} tok/s, TTFT p50 "
+                          f"{r['ttft_p50_s']:.2f} s p95 {r['ttft_p95_s']:.2f} s, per token p50 "
+                          f"{r['per_token_p50_ms']:.0f} ms p95 {r['per_token_p95_ms']:.0f} ms", flush=True)
+            finally:
+                proc.terminate()
+                proc.wait(30)
+    scaling = {}
+    for config in CONFIGS:
+        mine = [r for r in rows if r["config"] == config]
+        scaling[config] = {f"{r['clients']}_over_1": round(r["throughput_tok_s"] / mine[0]["throughput_tok_s"], 2)
+                           for r in mine[1:]}
     result = {
         "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-                    "torch_threads": torch.get_num_threads(), "load_avg_1m": os.getloadavg()[0]},
+                    "torch_threads": torch.get_num_threads(), "load_avg_1m_at_end": os.getloadavg()[0]},
         "setup": {"model": "gpt2 (124M) random init, fp32", "server": "slm serve --max-concurrency 16",
-                  "requests_per_level": args.requests, "prompts": [len(p) for p in PROMPTS],
+                  "requests_per_level": args.requests, "prompt_chars": [len(p) for p in PROMPTS],
                   "max_tokens": MAX_TOKENS, "greedy": True, "stream": True},
         "rows": rows,
-        "scaling": {f"{r['clients']}_over_1": round(r["throughput_tok_s"] / base, 2) for r in rows[1:]},
+        "throughput_scaling": scaling,
     }
-    print("throughput scaling:", ", ".join(f"{k} {v}x" for k, v in result["scaling"].items()))
+    for config, sc in scaling.items():
+        print(f"{config}: throughput scaling", ", ".join(f"{k} {v}x" for k, v in sc.items()))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {args.out}")

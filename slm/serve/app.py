@@ -24,6 +24,7 @@ import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
+import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -49,6 +50,9 @@ class ServeConfig:
         "help": "require 'Authorization: Bearer KEY' on /v1 routes (or set SLM_API_KEY)"})
     max_concurrency: int = field(default=4, metadata={"help": "requests generating at the same time"})
     max_queue: int = field(default=64, metadata={"help": "requests waiting for a slot before 429 busy"})
+    threads_per_request: int = field(default=0, metadata={
+        "help": "torch threads each request computes with (0: torch's threads divided by --max-concurrency, "
+                "at least 1)"})
     max_tokens_limit: int = field(default=1024, metadata={"help": "largest max_tokens a request may ask for"})
     max_body_bytes: int = field(default=1 << 20, metadata={"help": "largest request body accepted"})
 
@@ -56,6 +60,8 @@ class ServeConfig:
         for name in ("max_concurrency", "max_queue", "max_tokens_limit", "max_body_bytes"):
             if getattr(self, name) < 1:
                 raise SlmError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.threads_per_request < 0:
+            raise SlmError(f"threads_per_request must be >= 0, got {self.threads_per_request}")
         if not 0 <= self.port < 65536:
             raise SlmError(f"port must be in 0..65535, got {self.port}")
 
@@ -121,7 +127,8 @@ class Server:
         self.model_id = loaded.name
         self.tokenizer = loaded.tokenizer
         self.block_size = loaded.model.config.block_size
-        self.engine = Engine(loaded.model, loaded.tokenizer, cfg.max_concurrency, cfg.max_queue)
+        threads = cfg.threads_per_request or max(1, torch.get_num_threads() // cfg.max_concurrency)
+        self.engine = Engine(loaded.model, loaded.tokenizer, cfg.max_concurrency, cfg.max_queue, threads)
         self.created = int(time.time())
 
     def check_model(self, name: str) -> None:
@@ -305,7 +312,7 @@ def create_app(loaded: LoadedModel, cfg: ServeConfig | None = None) -> Guard:
     async def health():
         e = server.engine
         return {"status": "ok", "model": server.model_id, "active": e.active, "waiting": e.waiting,
-                "max_concurrency": e.max_concurrency}
+                "max_concurrency": e.max_concurrency, "threads_per_request": e.threads}
 
     @app.get("/v1/models")
     async def models():

@@ -9,6 +9,13 @@ while tokens are computed. Batching several requests into one forward pass would
 throughput (batch-1 decoding is bound by memory bandwidth), but needs a ragged-batch KV cache
 and attention path in model.py; see bench/README.md for how throughput scales without it.
 
+Each request computes with a fixed number of torch threads (`threads`, set on its worker
+thread: OpenMP and MKL thread counts are per thread). Fixed, because a different thread count
+changes the float summation order and so, on near ties, greedy tokens: a request's output
+must not depend on what else is running. By default the server divides torch's threads among
+the concurrent requests, so several requests use the cores side by side instead of
+oversubscribing them (OpenMP teams spin-waiting on each other's cores).
+
 Requests beyond `max_concurrency` wait (at most `max_queue` of them; more are refused as
 busy). A cancelled request (client gone, server shutting down) stops at its next token and
 frees its slot. Text is assembled here: incremental decoding and stop strings, so a stop
@@ -22,6 +29,8 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import AsyncIterator
+
+import torch
 
 from slm.generate import GenerationStats, SamplingConfig, generate
 
@@ -75,9 +84,10 @@ class StopStrings:
 
 
 class Engine:
-    def __init__(self, model, tokenizer, max_concurrency: int = 4, max_queue: int = 64):
+    def __init__(self, model, tokenizer, max_concurrency: int = 4, max_queue: int = 64, threads: int | None = None):
         self.model, self.tokenizer = model, tokenizer
         self.max_concurrency, self.max_queue = max_concurrency, max_queue
+        self.threads = threads or torch.get_num_threads()
         self.active = 0
         self.waiting = 0
         self._pool = ThreadPoolExecutor(max_concurrency, thread_name_prefix="slm-generate")
@@ -86,6 +96,7 @@ class Engine:
 
     def _run(self, job: Job, emit, cancel: threading.Event) -> Result:
         """Worker thread: generate, decode incrementally, apply stop strings, emit text."""
+        torch.set_num_threads(self.threads)  # this thread's OpenMP/MKL team
         tok = self.tokenizer
         stats = GenerationStats()
         decoder = tok.stream_decoder()
