@@ -66,28 +66,27 @@ def talk_loop(files: list[str], seconds: float, tokenize: bool = True) -> dict:
     xs, ys = [], []
     tokens = docs = chars = 0
     t0 = None
-    for ex in ds:
+    it = iter(ds)
+    for ex in it:
         if t0 is None:
             t0 = time.perf_counter()  # start-up (resolving files, filling the shuffle buffer) not timed
         docs += 1
         chars += len(ex["text"])
-        if not tokenize:
-            if time.perf_counter() - t0 >= seconds:
-                break
-            continue
-        buf.extend(enc.encode_ordinary(ex["text"]))
-        buf.append(eot)
-        while len(buf) >= T + 1:
-            block, buf = buf[:T + 1], buf[T:]
-            xs.append(torch.tensor(block[:-1]))
-            ys.append(torch.tensor(block[1:]))
-            if len(xs) == B:
-                torch.stack(xs), torch.stack(ys)
-                xs, ys = [], []
-                tokens += B * T
-        if time.perf_counter() - t0 >= seconds:
+        if tokenize:
+            buf.extend(enc.encode_ordinary(ex["text"]))
+            buf.append(eot)
+            while len(buf) >= T + 1:
+                block, buf = buf[:T + 1], buf[T:]
+                xs.append(torch.tensor(block[:-1]))
+                ys.append(torch.tensor(block[1:]))
+                if len(xs) == B:
+                    torch.stack(xs), torch.stack(ys)
+                    xs, ys = [], []
+                    tokens += B * T
+        dt = time.perf_counter() - t0
+        if dt >= seconds:
             break
-    dt = time.perf_counter() - t0
+    del it  # closing a datasets stream waits for its reader threads (seconds): not part of the loop
     return {"tokens_per_s": round(tokens / dt) if tokenize else None, "docs_per_s": round(docs / dt),
             "mb_per_s": round(chars / dt / 1e6, 2), "seconds": round(dt, 2)}
 
@@ -124,7 +123,7 @@ def tokenizer_alone(d: Path, seconds: float) -> dict:
 RSS_RUN = """
 import json, sys, time
 from slm.data import DataConfig, TokenStream
-from slm.data.report import peak_rss_bytes
+from slm.data.producer import peak_rss_bytes
 d, mode = sys.argv[1], sys.argv[2]
 t = time.perf_counter()
 if mode == "train":
@@ -148,12 +147,13 @@ def rss_run(d: Path, mode: str) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--seconds", type=float, default=8.0, help="measured time per loader and repeat")
-    ap.add_argument("--repeats", type=int, default=2, help="alternating repeats; the best is kept")
+    ap.add_argument("--seconds", type=float, default=6.0, help="measured time per loader and repeat")
+    ap.add_argument("--repeats", type=int, default=3, help="alternating repeats; the best is kept")
     ap.add_argument("--no-memory", action="store_true", help="skip the 2 GB memory check")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "data.json"))
     args = ap.parse_args()
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    load_before = os.getloadavg()
     tmp = Path(tempfile.mkdtemp(prefix="slm-bench-data-"))
     try:
         small = build_corpus(tmp / "small")
@@ -174,13 +174,13 @@ def main() -> None:
                 key = "tokens_per_s" if r.get("tokens_per_s") else "docs_per_s"
                 if name not in best or r[key] > best[name][key]:
                     best[name] = r
-                print(f"[{rep}] {name:<40}{(r['tokens_per_s'] or 0) / 1e6:6.2f}M tok/s {r['docs_per_s'] if 'docs_per_s' in r else '':>10} docs/s",
-                      file=sys.stderr)
+                tps = (r["tokens_per_s"] or 0) / 1e6
+                print(f"[{rep}] {name:<40}{tps:6.2f}M tok/s {r.get('docs_per_s', '-'):>10} docs/s", file=sys.stderr)
         talk = best["talk loop"]["tokens_per_s"]
         slm = best["slm, 1 process (background thread)"]["tokens_per_s"]
         out = {
             "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
-            "load_average_before": os.getloadavg(),
+            "load_average_before": load_before,
             "corpus": {"parquet_mb": round(mb, 1), "files": len(files)},
             "batch": [B, T],
             "rows": [{"way": k, **v} for k, v in best.items()],

@@ -1,9 +1,13 @@
 """`slm data inspect` and `slm data bench`: JSON contracts, human output, errors."""
 
+import argparse
 import json
 
 from datautil import mixed_folder
 from slm.cli import main
+from slm.cli.args import from_args
+from slm.cli.data import add_data_args
+from slm.data import DataConfig
 
 
 def run(capsys, *argv):
@@ -54,3 +58,11 @@ def test_config_flags_reach_the_loader(tmp_path, capsys):
     assert code == 0 and r["split_percent"] == {"val": 99.0, "test": 0.0} and r["splits"]["val"] >= 40
     code, out, _ = run(capsys, "data", "inspect", str(d), "--max-doc-chars", "1150", "--json")
     assert json.loads(out)["skipped"]["too_long"] == 25  # the 1,180-character rows
+
+
+def test_add_data_args_for_other_commands():
+    p = argparse.ArgumentParser()
+    add_data_args(p)
+    cfg = from_args(DataConfig, p.parse_args(["--data", "fineweb-edu", "--num-workers", "2", "--val-percent", "0.5"]))
+    assert (cfg.source, cfg.num_workers, cfg.val_percent, cfg.shuffle_buffer) == ("fineweb-edu", 2, 0.5, 8192)
+    assert from_args(DataConfig, p.parse_args([])) == DataConfig()

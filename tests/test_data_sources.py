@@ -99,6 +99,14 @@ def test_row_level_reasons(tmp_path):
                        "invalid_utf8": 1}
 
 
+def test_invalid_utf8_in_parquet(tmp_path):
+    import pyarrow as pa
+
+    raw = pa.array([b"first", b"bad \xff\xfe bytes", b"last"], pa.binary()).view(pa.string())
+    pq.write_table(pa.table({"text": raw}), tmp_path / "u.parquet")
+    assert docs_of(DataConfig(source=str(tmp_path / "u.parquet"))) == (["first", "last"], {"invalid_utf8": 1})
+
+
 def test_absurd_line_is_skipped_without_reading_it_whole(tmp_path):
     # 100 MB line vs a 1,000-character limit: the reader takes it in bounded pieces.
     p = tmp_path / "big.jsonl"

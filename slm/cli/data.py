@@ -12,6 +12,12 @@ from slm.data.config import DataConfig
 _INSPECT_EXCLUDE = ("source", "shuffle_buffer", "num_workers", "prefetch")
 
 
+def add_data_args(p, exclude=()) -> None:
+    """`--data SOURCE` plus one flag per DataConfig field, for commands that stream data (train,
+    eval); `from_args(DataConfig, args)` builds the config."""
+    add_dataclass_args(p, DataConfig, exclude=exclude, rename={"source": "--data"})
+
+
 def register(sub) -> None:
     p = sub.add_parser("data", help="inspect a data source or measure the loader's speed")
     data = p.add_subparsers(dest="data_command", metavar="SUBCOMMAND", required=True)
@@ -19,7 +25,8 @@ def register(sub) -> None:
     q = data.add_parser("inspect", help="files, columns, a sample, document/token statistics, splits, skipped input")
     q.add_argument("source", metavar="SOURCE", help=DataConfig.__dataclass_fields__["source"].metadata["help"])
     add_dataclass_args(q, DataConfig, exclude=_INSPECT_EXCLUDE)
-    q.add_argument("--max-docs", type=int, default=20_000, help="statistics over the first N documents (default: 20000)")
+    q.add_argument("--max-docs", type=int, default=20_000,
+                   help="statistics over the first N documents (default: 20000)")
     q.add_argument("--json", action="store_true", help="print one JSON object")
     q.set_defaults(func=cmd_inspect)
 

@@ -29,7 +29,8 @@ class DataConfig:
     test_percent: float = field(default=1.0, metadata={
         "help": "percent of documents (by a stable hash of their text) in the test split"})
     shuffle_buffer: int = field(default=8192, metadata={
-        "help": "training documents shuffled together in memory (bounded, seeded shuffle; 1 = file order)"})
+        "help": "training documents shuffled together in memory (a bounded, seeded shuffle; files and row "
+                "groups are also visited in a new seeded order each pass)"})
     num_workers: int = field(default=0, metadata={
         "help": "loader processes per rank (0 = one background thread in the training process)"})
     prefetch: int = field(default=8, metadata={"help": "batches prepared ahead of the consumer (0 = none)"})

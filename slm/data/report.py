@@ -7,7 +7,6 @@ through a run. `inspect_source` and `bench_source` back `slm data inspect` and `
 
 from __future__ import annotations
 
-import resource
 import time
 from collections import Counter
 
@@ -15,7 +14,7 @@ import numpy as np
 
 from slm.data.config import DataConfig
 from slm.data.documents import SPLITS
-from slm.data.producer import Producer
+from slm.data.producer import Producer, peak_rss_bytes
 from slm.data.readers import FileSkip, make_reader
 from slm.data.sources import Source, resolve_source
 from slm.errors import SlmError
@@ -120,13 +119,6 @@ def _summary(x: np.ndarray) -> dict:
             "p95": float(np.percentile(x, 95)), "max": int(x.max())}
 
 
-def peak_rss_bytes() -> int:
-    """Peak resident memory of this process and of its largest finished child (Linux: KiB)."""
-    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    kids = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    return max(own, kids) * 1024
-
-
 def bench_source(cfg: DataConfig, seconds: float = 10.0, block_size: int = 1024, batch_size: int = 8,
                  split: str = "train", max_tokens: int | None = None, seed: int = 0) -> dict:
     """End-to-end loader throughput: TokenStream batches (read, split, shuffle, tokenize, pack,
@@ -166,6 +158,7 @@ def bench_source(cfg: DataConfig, seconds: float = 10.0, block_size: int = 1024,
         "docs_per_s": round(docs / elapsed, 1),
         "mb_per_s": round(chars / elapsed / 1e6, 2),
         "passes": stream.pass_index + 1,
-        "peak_rss_bytes": peak_rss_bytes(),
+        # this process, plus the loader processes' peaks when there are any
+        "peak_rss_bytes": peak_rss_bytes() + after.get("worker_peak_rss_bytes", 0),
         "skipped": dict(sorted(stream.skipped.items())),
     }

@@ -99,14 +99,14 @@ def backoff_delay(attempt: int, base: float = 1.0, cap: float = 60.0) -> float:
     return random.uniform(0, min(cap, base * 2 ** attempt))
 
 
-def with_retries(fn, what: str, retries: int, remote: bool = True):
+def with_retries(fn, what: str, retries: int, remote: bool = True, permanent: tuple = ()):
     """fn(), retried `retries` times with backoff on transient errors of remote filesystems."""
     attempt = 0
     while True:
         try:
             return fn()
         except Exception as e:
-            if not remote or attempt >= retries or not is_transient(e):
+            if not remote or attempt >= retries or not is_transient(e) or isinstance(e, permanent):
                 raise
             delay = backoff_delay(attempt)
             log.warning("%s failed (%s: %s); retry %d/%d in %.1fs", what, type(e).__name__, e, attempt + 1,
@@ -153,7 +153,7 @@ def _url(fs, path: str) -> str:
     return path if _is_local(fs) else fs.unstrip_protocol(path)
 
 
-def _list_files(fs, path: str, spec: str, retries: int, root: str | None = None) -> Source:
+def _list_files(fs, path: str, spec: str, retries: int) -> Source:
     remote = not _is_local(fs)
     call = lambda fn, what: with_retries(fn, what, retries, remote)  # noqa: E731
     explicit_file = False
@@ -161,13 +161,13 @@ def _list_files(fs, path: str, spec: str, retries: int, root: str | None = None)
         paths = call(lambda: fs.glob(path, detail=True), f"listing {spec}")
         if not paths:
             raise SlmError(f"data source {spec!r} matches no files")
-        root = root or path.split("*")[0].split("?")[0].split("[")[0].rstrip("/").rsplit("/", 1)[0]
+        root = re.split(r"[*?\[]", path, maxsplit=1)[0].rsplit("/", 1)[0]  # the directory before the pattern
     elif call(lambda: fs.isdir(path), f"listing {spec}"):
         paths = call(lambda: fs.find(path, detail=True), f"listing {spec}")
-        root = root or path
+        root = path
     elif call(lambda: fs.exists(path), f"opening {spec}"):
         paths = {path: call(lambda: fs.info(path), f"opening {spec}")}
-        root, explicit_file = root or path.rsplit("/", 1)[0], True
+        root, explicit_file = path.rsplit("/", 1)[0], True
     else:
         raise SlmError(f"data source {spec!r} does not exist (no such file or directory); give a path, a URL, "
                        f"hf:OWNER/NAME, fineweb-edu or wiki-vital")
@@ -224,11 +224,12 @@ def _hub_filesystem(repo: str, retries: int):
     sees the same files even if the repository changes meanwhile."""
     try:
         from huggingface_hub import HfApi, HfFileSystem
-        from huggingface_hub.errors import RepositoryNotFoundError
+        from huggingface_hub.errors import OfflineModeIsEnabled, RepositoryNotFoundError
     except ImportError:
         raise SlmError("hf: sources need huggingface_hub: pip install 'slm[hf]'") from None
     try:
-        sha = with_retries(lambda: HfApi().dataset_info(repo).sha, f"looking up {repo} on the hub", retries)
+        sha = with_retries(lambda: HfApi().dataset_info(repo).sha, f"looking up {repo} on the hub", retries,
+                           permanent=(OfflineModeIsEnabled,))
     except RepositoryNotFoundError:
         raise SlmError(f"dataset {repo!r} not found on the Hugging Face Hub (or it is private: set HF_TOKEN)") from None
     except Exception as e:

@@ -8,7 +8,9 @@ wait on tokenization.
 `state_dict()` is the position right after the last batch the caller received (not what the
 background producers have made ahead): every worker's position and whose turn is next. It is a
 small JSON-serializable dict; `load_state_dict()` makes the next `iter()` continue exactly
-there, re-reading only the current shuffle window of each worker.
+there, re-reading only the current shuffle window of each worker. Positions count tokens, so
+block and batch size may change across a resume; source, split, seed, shuffle, rank, world
+size and worker count may not (refused with a message).
 """
 
 from __future__ import annotations
@@ -17,13 +19,13 @@ import copy
 import multiprocessing as mp
 import queue
 import threading
-from collections import Counter
+from collections import Counter, deque
 
 import numpy as np
 import torch
 
 from slm.data.config import DataConfig
-from slm.data.producer import Producer, put_until_stopped, run_worker, start_position
+from slm.data.producer import Producer, group_size, grouped, put_until_stopped, run_worker, start_position
 from slm.data.sources import Source, resolve_source
 from slm.errors import SlmError
 
@@ -42,7 +44,8 @@ class TokenStream:
             raise SlmError(f"rank must be in [0, world_size), got rank {rank} of {world_size}")
         if seed < 0:
             raise SlmError(f"seed must be >= 0, got {seed}")
-        self.cfg, self.split, self.loop, self.seed, self.shuffle = cfg, split, loop, seed, shuffle
+        self.cfg, self.split, self.loop, self.seed = cfg, split, loop, seed
+        self.shuffle = split == "train" if shuffle is None else shuffle  # evaluation reads in file order
         self.block_size, self.batch_size = block_size, batch_size
         self.rank, self.world_size = rank, world_size
         self.source = source or resolve_source(cfg.source, cfg.retries)
@@ -95,7 +98,7 @@ class TokenStream:
             hint = " (the data files changed since the state was saved)" if "source" in differ else ""
             raise SlmError(f"the saved data position does not fit this stream: {', '.join(differ)} differ{hint}; "
                            f"resume with the same data source and settings")
-        self._state = {"positions": copy.deepcopy(state["positions"]), "next": state["next"], "batches": state["batches"]}
+        self._state = {k: copy.deepcopy(state[k]) for k in ("positions", "next", "batches")}
         self._progress = [{} for _ in range(self.workers)]
 
     # -- iteration -------------------------------------------------------------------------
@@ -131,14 +134,15 @@ class TokenStream:
             yield 0, flat, position, progress
 
     def _thread_items(self, stop: threading.Event):
-        q: queue.Queue = queue.Queue(maxsize=self.cfg.prefetch)
-        producer = self._producer(0)
         n = self.batch_size * self.block_size
+        k = group_size(n, self.cfg.prefetch)
+        q: queue.Queue = queue.Queue(maxsize=max(1, self.cfg.prefetch // k))
+        producer = self._producer(0)
 
         def run():
             try:
-                for item in producer.batches(n):
-                    if not put_until_stopped(q, ("batch", *item), stop):
+                for group in grouped(producer.batches(n), k):
+                    if not put_until_stopped(q, ("batches", group), stop):
                         return
                 put_until_stopped(q, ("end",), stop)
             except BaseException as e:  # handed to the consumer, who raises it
@@ -153,7 +157,8 @@ class TokenStream:
                     return
                 if item[0] == "error":
                     raise item[1]
-                yield (0, *item[1:])
+                for batch in item[1]:
+                    yield (0, *batch)
         finally:
             stop.set()
             thread.join(timeout=5)
@@ -162,30 +167,35 @@ class TokenStream:
         """Round robin over worker processes, skipping those whose finite stream has ended."""
         ctx = mp.get_context("spawn")  # safe with torch's threads, and what CUDA needs
         n = self.batch_size * self.block_size
+        k = group_size(n, max(1, self.cfg.prefetch))
         queues, procs = [], []
         for w in range(self.workers):
-            q = ctx.Queue(maxsize=max(1, self.cfg.prefetch))
+            q = ctx.Queue(maxsize=max(1, self.cfg.prefetch // k))
             p = ctx.Process(target=run_worker, name=f"slm-data-{w}", daemon=True,
                             args=(self.cfg, self.source, self.split, self.rank * self.workers + w,
                                   self.world_size * self.workers, self.seed, self.loop, self.shuffle,
-                                  self._state["positions"][w], n, q, stop))
+                                  self._state["positions"][w], n, k, q, stop))
             p.start()
             queues.append(q)
             procs.append(p)
         live = [True] * self.workers
+        pending = [deque() for _ in range(self.workers)]  # batches of a worker's group not yet handed out
         w = self._state["next"]
         try:
             while any(live):
                 if not live[w]:
                     w = (w + 1) % self.workers
                     continue
-                item = _get(queues[w], procs[w])
-                if item[0] == "end":
-                    live[w] = False
-                elif item[0] == "error":
-                    raise item[1]
-                else:
-                    yield (w, *item[1:])
+                if not pending[w]:
+                    item = _get(queues[w], procs[w])
+                    if item[0] == "error":
+                        raise item[1]
+                    if item[0] == "end":
+                        live[w] = False
+                        w = (w + 1) % self.workers
+                        continue
+                    pending[w].extend(item[1])
+                yield (w, *pending[w].popleft())
                 w = (w + 1) % self.workers
         finally:
             stop.set()
@@ -214,4 +224,6 @@ def _get(q, proc, poll: float = 1.0):
             return q.get(timeout=poll)
         except queue.Empty:
             if not proc.is_alive():
-                raise SlmError(f"data loader process {proc.name} died (exit code {proc.exitcode})") from None
+                raise SlmError(f"data loader process {proc.name} died (exit code {proc.exitcode}; its error is above). "
+                               f"Loader processes are spawned: a script that starts them needs the "
+                               f"`if __name__ == '__main__':` guard") from None
