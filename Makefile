@@ -37,6 +37,8 @@ bench: setup
 	$(BIN)/python bench/data.py
 	$(BIN)/python bench/serve.py
 	$(BIN)/python bench/export.py
+	$(BIN)/python bench/train.py
+	$(BIN)/python bench/plan_memory.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info
