@@ -57,20 +57,31 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path, single, mo
     load_model(out / "step-0000006")
 
 
-def test_torchrun_slm_train_shards_data_and_resumes(tmp_path):
+def _slm_train_args(tmp_path):
     data, _ = corpus(tmp_path, n_files=2, docs_per_file=150)
-    out = tmp_path / "run"
-    args = ["-m", "slm", "train", "--data", data, "--val-percent", "20", "--test-percent", "20", "--n-layer", "1",
+    return ["-m", "slm", "train", "--data", data, "--val-percent", "20", "--test-percent", "20", "--n-layer", "1",
             "--n-head", "2", "--n-embd", "32", "--block-size", "16", "--batch-size", "2", "--dtype", "fp32",
-            "--eval-every", "0", "--eval-batches", "1", "--ckpt-every", "2", "--out", out, "--json"]
-    r = run(torchrun(*args, "--max-steps", "2"))
+            "--eval-every", "0", "--eval-batches", "1", "--ckpt-every", "2", "--out", tmp_path / "run", "--json"]
+
+
+def test_torchrun_slm_train_shards_data_with_one_writer(tmp_path):
+    r = run(torchrun(*_slm_train_args(tmp_path), "--max-steps", "2"))
     assert r.returncode == 0, r.stderr[-3000:]
     assert json.loads(r.stdout)["world_size"] == 2  # exactly one JSON object: rank 0 prints
-    state = verify(out / "step-0000002")
+    state = verify(tmp_path / "run" / "step-0000002")
     a, b = (s["data"] for s in state["ranks"])
     assert a["rank"] == 0 and b["rank"] == 1 and a["world_size"] == b["world_size"] == 2
+    assert [x["step"] for x in read_metrics(tmp_path / "run" / "metrics.jsonl") if "train_loss" in x] == [1, 2]
+
+
+@pytest.mark.slow
+def test_torchrun_slm_train_resumes(tmp_path):
+    args = _slm_train_args(tmp_path)
+    assert run(torchrun(*args, "--max-steps", "2")).returncode == 0
     r = run(torchrun(*args, "--max-steps", "4", "--resume"))
     assert r.returncode == 0, r.stderr[-3000:]
     s = json.loads(r.stdout)
     assert s["steps"] == 4 and s["tokens"] == 4 * 2 * 2 * 16 and s["resumed_from"] == "step-0000002"
-    assert [x["step"] for x in read_metrics(out / "metrics.jsonl") if "train_loss" in x] == [1, 2, 3, 4]
+    assert [x["step"] for x in read_metrics(tmp_path / "run" / "metrics.jsonl") if "train_loss" in x] == [1, 2, 3, 4]
+    r = run(torchrun(*args, "--max-steps", "6", "--resume", nproc=1))
+    assert r.returncode == 1 and "same number" in r.stderr

@@ -168,6 +168,19 @@ def test_sigterm_finishes_the_step_saves_and_stops(tmp_path):
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
 
 
+def test_a_new_pass_over_the_data_is_logged(tmp_path):
+    task = _task()
+
+    class Passes(RandomBatches):
+        pass_index = property(lambda self: self.index // 3)
+
+    task.batches = Passes(small_config(), 2)
+    summary = Trainer(task, _cfg(max_steps=7), tmp_path / "run").fit()
+    recs = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert [(r["step"], r["data_pass"]) for r in recs if r.get("event") == "data_pass"] == [(3, 1), (6, 2)]
+    assert summary["data_pass"] == 2
+
+
 def test_time_budget_sets_the_schedule_and_stops(tmp_path):
     summary = Trainer(_task(), _cfg(max_steps=None, max_minutes=0.05), tmp_path / "run").fit()
     recs = read_metrics(tmp_path / "run" / "metrics.jsonl")

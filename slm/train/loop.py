@@ -216,6 +216,7 @@ class Trainer:
         self.stop_reason: str | None = None
         self._signal: str | None = None
         self._it = None
+        self._data_pass: int | None = None
         self._t0 = time.monotonic()
         self._last_ckpt_time = self._t0
 
@@ -329,6 +330,12 @@ class Trainer:
             # time-budgeted run: the cosine schedule spans the steps that fit, judged from the first ones
             self.horizon = max(self.step + 1, int(self.step * 60 * cfg.max_minutes / max(self.elapsed, 1e-9)))
             self._event("schedule", horizon=self.horizon)
+        data_pass = getattr(self.task.batches, "pass_index", None)
+        if data_pass is not None and data_pass != self._data_pass:
+            if self._data_pass is not None:  # the stream started over on its data (a new shuffle)
+                self._event("data_pass", data_pass=data_pass)
+                self.progress.message(f"step {self.step}: pass {data_pass + 1} over the training data begins")
+            self._data_pass = data_pass
         rec = {"train_loss": r.loss if math.isfinite(r.loss) else None, "lr": r.lr,
                "grad_norm": r.grad_norm if math.isfinite(r.grad_norm) else None,
                "step_seconds": round(r.seconds, 4), "data_wait": round(r.data_wait, 4)}
@@ -528,6 +535,8 @@ class Trainer:
             "dtype": "bf16" if self.amp_dtype == torch.bfloat16 else "fp32",
             "device": self.device.type,
             "world_size": self.info.world_size,
+            "data_pass": getattr(self.task.batches, "pass_index", None),
+            "data_skipped": dict(getattr(self.task.batches, "skipped", {}) or {}),
         }
         return out
 
@@ -573,6 +582,8 @@ def describe_summary(s: dict) -> str:
                      f"{s['peak_memory_bytes'] / 2**30:.2f} GiB")
     if s["best_checkpoint"] or s["last_checkpoint"]:
         lines.append(f"best checkpoint {s['best_checkpoint'] or s['last_checkpoint']}")
+    if s.get("data_skipped"):
+        lines.append("data skipped: " + ", ".join(f"{k} {v:,}" for k, v in sorted(s["data_skipped"].items())))
     if s["nonfinite_skips"] or s["loss_spikes"]:
         lines.append(f"stability: {s['nonfinite_skips']} non-finite steps skipped, {s['loss_spikes']} loss spikes, "
                      f"{s['rollbacks']} rollbacks")
