@@ -39,8 +39,10 @@ def for_inference(model: GPT) -> GPT:
             for name in ("c_attn", "c_fc", "c_proj"):
                 if isinstance(getattr(parent, name, None), nn.Linear):
                     setattr(parent, name, TransposedLinear(getattr(parent, name)))
-    head = TransposedLinear(model.lm_head)
-    model.lm_head = head
-    # The token embedding becomes a view of the head's transposed table: one copy in memory.
-    model.transformer.wte.weight = nn.Parameter(head.weight_t.t(), requires_grad=False)
+    if isinstance(model.lm_head, nn.Linear):  # (a quantized head has its own layout)
+        tied = model.lm_head.weight is getattr(model.transformer.wte, "weight", None)
+        head = TransposedLinear(model.lm_head)
+        model.lm_head = head
+        if tied:  # the token embedding becomes a view of the head's transposed table: one copy
+            model.transformer.wte.weight = nn.Parameter(head.weight_t.t(), requires_grad=False)
     return model
