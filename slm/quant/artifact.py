@@ -33,7 +33,7 @@ from slm.checkpoint import (CONFIG_FILE, FORMAT, FORMAT_VERSION, TensorFile, loa
                             read_artifact, read_config, save_tensors, verify_weights)
 from slm.errors import SlmError
 from slm.loading import LoadedModel, _slm_kind, open_model, resolve_artifact_dir
-from slm.quant.quantize import (QuantConfig, build_module, is_linear, linear_weight, quantize_model,
+from slm.quant.quantize import (TABLE, QuantConfig, build_module, is_linear, linear_weight, quantize_model,
                                 quantized_state, set_module)
 
 GPT_KIND = "gpt-quantized"
@@ -76,6 +76,8 @@ def quantize_to_dir(source: str, out: str | Path, cfg: QuantConfig, calibration=
 
     ranges = None
     if cfg.method == "static-int8":
+        if calibration is None:
+            raise SlmError("static-int8 needs calibration batches from a data source; none was given")
         linears = {n: m for n, m in root.named_modules() if is_linear(m)}
         ranges = input_ranges(run, linears, calibration(tokenizer, block_size))
     info = quantize_model(root, cfg, embedding, head, ranges)
@@ -147,7 +149,7 @@ def _expected_shapes(spec: dict, module: nn.Module) -> dict[str, tuple]:
 def _module_tensors(f: TensorFile, name: str, spec: dict, module: nn.Module) -> dict[str, torch.Tensor]:
     if spec.get("type") not in REQUIRED:
         raise SlmError(f"{f.path}: module {name} has unknown quantization {spec.get('type')!r}; upgrade slm")
-    keys = list(REQUIRED[spec["type"]])
+    keys = [k for k in REQUIRED[spec["type"]] if "tied_to" not in spec or k not in TABLE]
     keys += [k for k in ("bias", "input_range") if f"{name}.{k}" in f.keys()]
     if spec.get("activation") == "static" and "input_range" not in keys:
         raise SlmError(f"{f.path}: static int8 module {name} has no input_range; the artifact is damaged")
@@ -170,13 +172,13 @@ def materialize(root: nn.Module, q: dict, f: TensorFile) -> None:
     for name, spec in sorted(specs.items(), key=lambda kv: "tied_to" in kv[1]):
         if name not in modules:
             raise SlmError(f"{f.path}: the model has no module {name!r}; the artifact belongs to another model")
+        tensors = _module_tensors(f, name, spec, modules[name])
         if "tied_to" in spec:
             table = built.get(spec["tied_to"])
-            if table is None:
-                raise SlmError(f"{f.path}: {name} is tied to {spec['tied_to']!r}, which is not quantized")
-            tensors = {"qweight": table.qweight, "scale": table.scale}
-        else:
-            tensors = _module_tensors(f, name, spec, modules[name])
+            if table is None or tuple(table.qweight.shape) != tuple(linear_weight(modules[name])[0].shape):
+                raise SlmError(f"{f.path}: {name} is tied to {spec['tied_to']!r}, which is not a quantized "
+                               f"table of its shape; the artifact is damaged")
+            tensors.update(qweight=table.qweight, scale=table.scale)
         built[name] = build_module(spec, tensors)
         set_module(root, name, built[name])
 

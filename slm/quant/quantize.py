@@ -32,6 +32,7 @@ METHODS = {
     "weight-int4": ("int4", "weight"),
 }
 DEFAULT_METHOD = "dynamic-int8"
+TABLE = ("qweight", "scale")  # what a tied head takes from its embedding
 # weight-int4 keeps the head (and its tied embedding) int8: the head decides every token,
 # and llama.cpp's 4-bit types keep it at 6+ bits for the same reason.
 INT4_HEAD = {"type": "int8", "activation": "dynamic"}
@@ -165,9 +166,10 @@ def quantize_model(root: nn.Module, cfg: QuantConfig, embedding: str, head: str 
     modules = dict(root.named_modules())
     built: dict[str, nn.Module] = {}
     for name, spec in sorted(specs.items(), key=lambda kv: "tied_to" in kv[1]):  # tables before tied heads
-        if "tied_to" in spec:
+        if "tied_to" in spec:  # the table's int8 weights, its own bias and input range
             table = built[spec["tied_to"]]
-            new = build_module(spec, {"qweight": table.qweight, "scale": table.scale}, kernel)
+            own = quantized_tensors(spec, modules[name], (input_ranges or {}).get(name))
+            new = build_module(spec, {**own, "qweight": table.qweight, "scale": table.scale}, kernel)
         else:
             tensors = quantized_tensors(spec, modules[name], (input_ranges or {}).get(name))
             new = build_module(spec, tensors, kernel)
@@ -183,8 +185,8 @@ def quantized_state(root: nn.Module, info: dict) -> tuple[dict[str, torch.Tensor
     specs = info["modules"]
     out: dict[str, torch.Tensor] = {}
     for name, spec in specs.items():
-        if "tied_to" not in spec:
-            for k, t in root.get_submodule(name).tensors().items():
+        for k, t in root.get_submodule(name).tensors().items():
+            if "tied_to" not in spec or k not in TABLE:
                 out[f"{name}.{k}"] = t
     prefixes = tuple(f"{n}." for n in specs)
     seen: dict[tuple, str] = {}
