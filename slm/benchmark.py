@@ -45,7 +45,17 @@ class BenchConfig:
 
 
 def peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    """This process's peak resident set size. Linux's VmHWM belongs to the process image;
+    getrusage's maxrss survives exec, so a child would inherit its parent's peak."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    scale = 1 if sys.platform == "darwin" else 1024  # bytes on macOS, KiB on Linux
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
 
 
 def weights_bytes(spec: str) -> int | None:
@@ -79,7 +89,8 @@ def measure(spec: str, cfg: BenchConfig) -> dict:
     prompt_len = min(cfg.prompt_tokens, max(1, block - cfg.new_tokens))
     new = min(cfg.new_tokens, block - prompt_len)
     gen = torch.Generator().manual_seed(0)
-    prompt = torch.randint(0, tok.n_vocab, (prompt_len,), generator=gen).tolist()
+    vocab = min(tok.n_vocab, getattr(model.config, "vocab_size", tok.n_vocab))
+    prompt = torch.randint(0, vocab, (prompt_len,), generator=gen).tolist()  # speed does not depend on text
     sampling = SamplingConfig(max_new_tokens=new, temperature=0)
     list(generate(model, prompt[:8], SamplingConfig(max_new_tokens=4, temperature=0)))  # warm-up
     stats = GenerationStats()

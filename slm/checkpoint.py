@@ -202,14 +202,15 @@ class TensorFile:
         except (SafetensorError, OSError, ValueError) as e:
             raise self._damaged(e) from None
 
-    def copy(self, name: str) -> torch.Tensor:
-        """An owned copy of one tensor, read through its own short-lived memory map: the
-        file's pages leave memory once it is copied (a model loaded this way peaks at its
-        size plus one tensor), and the copy is aligned, as SIMD kernels want."""
+    def get_separate(self, name: str) -> torch.Tensor:
+        """One tensor in a memory map of its own, no copy: its pages leave memory when the
+        tensor is dropped, however long the rest of the file's tensors live (so a model can
+        repack weights without keeping the originals resident), and pages never read (rows
+        of an embedding table never looked up) are never loaded."""
         self._check(name)
         try:
             with safe_open(str(self.path), framework="pt") as f:
-                return f.get_tensor(name).clone()
+                return f.get_tensor(name)
         except (SafetensorError, OSError, ValueError) as e:
             raise self._damaged(e) from None
 

@@ -362,3 +362,30 @@ def test_hf_tokenizer_files_are_checked(hf_llama, tmp_path):
     (tmp_path / "q" / "hf" / "config.json").unlink()
     with pytest.raises(SlmError, match="Hugging Face config"):
         open_model(tmp_path / "q")
+
+
+# ------------------------------------------------------------------------------ commands
+
+
+def test_quantize_and_bench_commands(trained, tmp_path, capsys):
+    from slm.cli import main
+
+    src = str(trained[0])
+    assert main(["quantize", "--model", src, "--out", str(tmp_path / "q"), "--exclude", "lm_head", "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["method"] == "dynamic-int8" and "lm_head" in summary["float_modules"]
+    assert main(["bench", "--model", src, "--model", str(tmp_path / "q"), "--prompt-tokens", "16",
+                 "--new-tokens", "8", "--json"]) == 0
+    out, err = capsys.readouterr()
+    rows = json.loads(out)
+    assert [r["model"] for r in rows] == [src, str(tmp_path / "q")] and "round 1/1" in err
+    for r in rows:
+        assert {"file_bytes", "peak_rss_bytes", "prefill_tok_s", "decode_tok_s", "load_seconds"} <= set(r)
+        assert r["decode_tok_s"] > 0 and r["peak_rss_bytes"] >= r["rss_baseline_bytes"] > 0
+        assert r["prompt_tokens"] == 16 and r["new_tokens"] == 8
+    assert rows[0]["ratios"]["file_bytes"] == 1.0 and rows[1]["ratios"]["file_bytes"] < 1.0
+    assert rows[1]["file_bytes"] == (tmp_path / "q" / "model.safetensors").stat().st_size
+    assert main(["bench", "--model", src, "--prompt-tokens", "16", "--new-tokens", "4"]) == 0
+    assert "decode" in capsys.readouterr().out
+    assert main(["bench", "--model", str(tmp_path / "missing")]) == 1
+    assert "does not exist" in capsys.readouterr().err

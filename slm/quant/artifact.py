@@ -156,7 +156,7 @@ def _module_tensors(f: TensorFile, name: str, spec: dict, module: nn.Module) -> 
     expected = _expected_shapes(spec, module)
     tensors = {}
     for k in keys:
-        t = f.copy(f"{name}.{k}")
+        t = f.get_separate(f"{name}.{k}")
         if tuple(t.shape) != expected[k]:
             raise SlmError(f"{f.path}: {name}.{k} has shape {tuple(t.shape)}, the model config expects "
                            f"{expected[k]}; the artifact is damaged or belongs to another model")
@@ -168,22 +168,25 @@ def materialize(root: nn.Module, q: dict, f: TensorFile) -> None:
     """Fill a model built on the meta device from a quantized artifact's tensors."""
     specs = q["modules"]
     modules = dict(root.named_modules())
-    built: dict[str, nn.Module] = {}
-    for name, spec in sorted(specs.items(), key=lambda kv: "tied_to" in kv[1]):
+    for name, spec in specs.items():
         if name not in modules:
             raise SlmError(f"{f.path}: the model has no module {name!r}; the artifact belongs to another model")
         tensors = _module_tensors(f, name, spec, modules[name])
         if "tied_to" in spec:
-            table = built.get(spec["tied_to"])
-            if table is None or tuple(table.qweight.shape) != tuple(linear_weight(modules[name])[0].shape):
+            # The table's tensors again, in their own memory map: a head that repacks them
+            # (fbgemm) leaves the embedding's map with only the rows it looks up resident.
+            table = specs.get(spec["tied_to"], {})
+            if table.get("type") != "int8-embedding":
                 raise SlmError(f"{f.path}: {name} is tied to {spec['tied_to']!r}, which is not a quantized "
-                               f"table of its shape; the artifact is damaged")
-            tensors.update(qweight=table.qweight, scale=table.scale)
-        built[name] = build_module(spec, tensors)
-        set_module(root, name, built[name])
+                               f"embedding; the artifact is damaged")
+            own = _module_tensors(f, spec["tied_to"], table, modules[spec["tied_to"]])
+            if own["qweight"].shape != tuple(linear_weight(modules[name])[0].shape):
+                raise SlmError(f"{f.path}: {name} does not have the shape of {spec['tied_to']}; the artifact is damaged")
+            tensors.update(qweight=own["qweight"], scale=own["scale"])
+        set_module(root, name, build_module(spec, tensors))
 
     prefixes = tuple(f"{n}." for n in specs)
-    floats = {k: f.copy(k) for k in f.keys() if not k.startswith(prefixes)}
+    floats = {k: f.get_separate(k) for k in f.keys() if not k.startswith(prefixes)}
     try:
         result = root.load_state_dict(floats, strict=False, assign=True)
     except RuntimeError as e:

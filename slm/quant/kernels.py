@@ -119,6 +119,11 @@ def fbgemm_static(x: torch.Tensor, packed, input_scale: float, input_zero_point:
 # ------------------------------------------------------------------------------ int8pack / int4pack
 
 
+def aligned(t: torch.Tensor, alignment: int = 64) -> torch.Tensor:
+    """`t`, or an aligned copy of it (tensors in a safetensors memory map may sit at any byte)."""
+    return t if t.data_ptr() % alignment == 0 else t.clone()
+
+
 def int8pack_mm(x: torch.Tensor, qweight: torch.Tensor, scale_bf16: torch.Tensor) -> torch.Tensor:
     return torch.ops.aten._weight_int8pack_mm(x.to(torch.bfloat16), qweight, scale_bf16).to(x.dtype)
 

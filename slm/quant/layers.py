@@ -107,8 +107,8 @@ class Int8Linear(nn.Module):
         if self.kernel == "fbgemm":
             self._packed = kernels.fbgemm_pack(qweight, self.scale, self.bias)
             self.qweight = None  # fbgemm holds the weights; tensors() unpacks them
-        else:
-            self.register_buffer("qweight", qweight)
+        else:  # int8pack loads weights with aligned SIMD loads: copy a misaligned tensor
+            self.register_buffer("qweight", kernels.aligned(qweight) if self.kernel == "int8pack" else qweight)
         self._scale_bf16 = self.scale.to(torch.bfloat16) if self.kernel == "int8pack" else None
 
     def weight_int8(self) -> torch.Tensor:
