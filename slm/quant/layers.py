@@ -131,14 +131,12 @@ class Int8Linear(nn.Module):
         return torch.round(x / s).clamp_(-127, 127).to(torch.int8), s
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kernel == "fbgemm":  # any leading dims; fbgemm adds the bias
+            if self.activation == "dynamic":
+                return kernels.fbgemm_dynamic(x.float(), self._packed)
+            return kernels.fbgemm_static(x.float(), self._packed, self._uint8_scale, self._uint8_zero)
         shape = x.shape[:-1] + (self.out_features,)
         x2 = _as_2d(x).float()
-        if self.kernel == "fbgemm":
-            if self.activation == "dynamic":
-                y = kernels.fbgemm_dynamic(x2, self._packed)
-            else:
-                y = kernels.fbgemm_static(x2, self._packed, self._uint8_scale, self._uint8_zero)
-            return y.view(shape)  # fbgemm adds the bias
         if self.kernel == "int8pack":
             y = kernels.int8pack_mm(x2, self.qweight, self._scale_bf16)
         elif self.kernel == "int_mm":
