@@ -118,6 +118,16 @@ def test_fallback_when_the_deprecated_kernel_is_gone(linear, monkeypatch):
 # ------------------------------------------------------------------------------ whole models
 
 
+def test_linear_layout_undoes_the_decode_layout(tiny_model):
+    from slm.inference import for_inference, to_linear_layout
+
+    ref = {k: v.clone() for k, v in tiny_model.state_dict().items()}
+    model = to_linear_layout(for_inference(tiny_model))
+    assert model.lm_head.weight is model.transformer.wte.weight
+    assert model.state_dict().keys() == ref.keys()
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in ref.items())
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A tiny GPT trained for a second on a fixed token cycle, so its greedy choices are

@@ -30,10 +30,10 @@ import torch
 import torch.nn as nn
 
 import slm
-from slm.checkpoint import (CONFIG_FILE, FORMAT, FORMAT_VERSION, TensorFile, load_model, model_config_json,
-                            read_artifact, read_config, save_tensors, verify_weights)
+from slm.checkpoint import (CONFIG_FILE, FORMAT, FORMAT_VERSION, TensorFile, model_config_json, read_artifact,
+                            read_config, save_tensors, verify_weights)
 from slm.errors import SlmError
-from slm.loading import LoadedModel, _slm_kind, open_model, resolve_artifact_dir
+from slm.loading import LoadedModel, open_model
 from slm.quant.quantize import (TABLE, QuantConfig, build_module, is_linear, linear_weight, quantize_model,
                                 quantized_state, set_module)
 
@@ -48,46 +48,42 @@ REQUIRED = {"int8": ("qweight", "scale"), "int4": ("qweight", "scale", "zero"), 
 
 
 def quantize_to_dir(source: str, out: str | Path, cfg: QuantConfig, calibration=None) -> dict:
-    """Quantize the model `source` names (slm directory or anything open_model accepts) into
-    the directory `out`; returns a summary. `calibration(tokenizer, block_size)` yields token
-    batches (static-int8 only)."""
+    """Quantize the model `source` names (anything open_model accepts: slm GPTs, fine-tunes,
+    Hugging Face causal LMs) into the directory `out`; returns a summary.
+    `calibration(tokenizer, block_size)` yields token batches (static-int8 only)."""
+    from slm.inference import to_linear_layout
+    from slm.interop.hf_causal import HFCausalLM
+    from slm.model import GPT
     from slm.quant.calibrate import input_ranges
 
     out = Path(out)
-    path = Path(source)
-    kind = _slm_kind(resolve_artifact_dir(path)) if path.is_dir() else None
-    if kind in (GPT_KIND, HF_KIND):
-        raise SlmError(f"{source} is already quantized ({kind}); quantize the float model it came from")
-    if kind == "gpt":
-        model, art = load_model(resolve_artifact_dir(path))
-        root, run, embedding, head, tokenizer = model, model, "transformer.wte", "lm_head", None
-        block_size = model.config.block_size
-        float_bytes = art.raw.get("weights", {}).get("bytes")
-    else:
-        loaded = open_model(source)
-        from slm.interop.hf_causal import HFCausalLM
-
-        if not isinstance(loaded.model, HFCausalLM):
-            raise SlmError(f"{source}: quantizing a {loaded.kind!r} model is not supported")
-        root, run, tokenizer = loaded.model.hf, loaded.model, loaded.tokenizer
+    loaded = open_model(source)
+    if loaded.kind in (GPT_KIND, HF_KIND):
+        raise SlmError(f"{source} is already quantized ({loaded.kind}); quantize the float model it came from")
+    if isinstance(loaded.model, GPT):
+        root = run = to_linear_layout(loaded.model)  # saved names and shapes
+        embedding, head = "transformer.wte", "lm_head"
+    elif isinstance(loaded.model, HFCausalLM):
+        root, run = loaded.model.hf, loaded.model
         embedding, head = module_names(root)
-        block_size = loaded.model.config.block_size
-        float_bytes = None
-    float_bytes = float_bytes or sum(t.numel() * 4 for t in unique_tensors(root))
+    else:
+        raise SlmError(f"{source}: quantizing a {type(loaded.model).__name__} is not supported")
+    tokenizer = loaded.tokenizer
+    float_bytes = sum(t.numel() * 4 for t in unique_tensors(root))
 
     ranges = None
     if cfg.method == "static-int8":
         if calibration is None:
             raise SlmError("static-int8 needs calibration batches from a data source; none was given")
         linears = {n: m for n, m in root.named_modules() if is_linear(m)}
-        ranges = input_ranges(run, linears, calibration(tokenizer, block_size))
+        ranges = input_ranges(run, linears, calibration(tokenizer, loaded.model.config.block_size))
     info = quantize_model(root, cfg, embedding, head, ranges)
     tensors, aliases = quantized_state(root, info)
     info["aliases"] = aliases
-    info["source"] = {"model": str(source), "kind": kind or "hf"}
+    info["source"] = {"model": str(source), "kind": loaded.kind}
     metadata = {"created_by": "slm quantize"}
-    if kind == "gpt":
-        config = model_config_json(model.config, art.tokenizer, metadata, kind=GPT_KIND)
+    if isinstance(root, GPT):
+        config = model_config_json(root.config, tokenizer.identity, metadata, kind=GPT_KIND)
     else:
         save_hf_files(out / HF_DIR, root, tokenizer)
         config = {"format": FORMAT, "format_version": FORMAT_VERSION, "kind": HF_KIND,
@@ -95,9 +91,9 @@ def quantize_to_dir(source: str, out: str | Path, cfg: QuantConfig, calibration=
                   "hf": {"dir": HF_DIR, "model_type": root.config.model_type}, "metadata": metadata}
     config["quantization"] = info
     written = save_tensors(out, tensors, config)
-    n_quant = sum(1 for s in info["modules"].values() if s["type"] != "int8-embedding")
+    n_linear = sum(1 for s in info["modules"].values() if s["type"] != "int8-embedding")
     return {"out": str(out), "kind": config["kind"], "method": cfg.method,
-            "quantized_modules": len(info["modules"]), "quantized_linear": n_quant,
+            "quantized_modules": len(info["modules"]), "quantized_linear": n_linear,
             "float_modules": info["float_modules"], "float_bytes": float_bytes,
             "file_bytes": written["weights"]["bytes"], "size_ratio": written["weights"]["bytes"] / float_bytes}
 
