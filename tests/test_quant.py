@@ -77,6 +77,18 @@ def test_int8_linear_every_kernel_matches_fp32(linear, activation):
         assert rel(outs["int_mm"], outs["reference"]) < 1e-4
 
 
+@pytest.mark.skipif(not kernels.has_fbgemm(), reason="fbgemm is x86 only")
+def test_fbgemm_seven_bit_activations_for_cpus_without_vnni(linear, monkeypatch):
+    """Without VNNI, fbgemm's int16 pair sums would saturate on 8-bit activations; 7 bits stay
+    within tolerance (twice the activation error)."""
+    monkeypatch.setattr(kernels, "fbgemm_reduce_range", lambda: True)
+    x = torch.randn(5, 128)
+    q, s = quantize_int8(linear.weight)
+    rng = torch.tensor([float(x.min()), float(x.max())])
+    for activation, r in (("dynamic", None), ("static", rng)):
+        assert rel(Int8Linear(q, s, linear.bias, activation, r, kernel="fbgemm")(x), linear(x).detach()) < INT8_TOL
+
+
 def test_int8_linear_3d_input_and_no_bias(linear):
     q, s = quantize_int8(linear.weight)
     layer = Int8Linear(q, s, None, "dynamic")

@@ -107,9 +107,21 @@ def fbgemm_unpack(packed) -> torch.Tensor:
     return qw.int_repr()
 
 
+@functools.lru_cache(maxsize=None)
+def fbgemm_reduce_range() -> bool:
+    """Whether activations must use 7 bits: without VNNI, fbgemm multiplies uint8 by int8 in
+    pairs summed into int16 (vpmaddubsw), which saturates with full-range activations. With
+    VNNI (vpdpbusd accumulates in int32) the full 8 bits are exact, and twice as precise."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "").split()
+    except OSError:
+        return True
+    return not ({"avx512_vnni", "avx_vnni"} & set(flags))
+
+
 def fbgemm_dynamic(x: torch.Tensor, packed) -> torch.Tensor:
-    # reduce_range=False: the full 8-bit activation range (VNNI does not saturate).
-    return torch.ops.quantized.linear_dynamic(x, packed, False)
+    return torch.ops.quantized.linear_dynamic(x, packed, fbgemm_reduce_range())
 
 
 def fbgemm_static(x: torch.Tensor, packed, input_scale: float, input_zero_point: int) -> torch.Tensor:

@@ -100,7 +100,8 @@ class Int8Linear(nn.Module):
         self.register_buffer("input_range", None if input_range is None else input_range.float())
         if input_range is not None:
             lo, hi = min(float(input_range[0]), 0.0), max(float(input_range[1]), 0.0)
-            self._uint8_scale = max(hi - lo, 1e-12) / 255  # fbgemm: uint8 with a zero point
+            levels = 127 if kernels.fbgemm_reduce_range() else 255  # see fbgemm_reduce_range
+            self._uint8_scale = max(hi - lo, 1e-12) / levels  # fbgemm: uint8 with a zero point
             self._uint8_zero = int(round(-lo / self._uint8_scale))
             self._int8_scale = max(-lo, hi, 1e-12) / 127  # elsewhere: symmetric
         self._packed = None
