@@ -6,9 +6,11 @@
 2. gpt2-shaped (124M) slm model, random init: fp32 against each method through `slm bench`
    (each model in a fresh process). Targets for the default int8 method: decode >= 3x fp32,
    weights <= 35 %, peak RSS <= 50 %.
-3. SmolLM2-135M (the offline alias, dequantized to fp32) against its int8 copy: decode >= 1.5x.
+3. quality: a trained tiny model (bench/train_tiny.py) on held-out text, perplexity of fp32
+   against every method and head/embedding choice. Target: <= 2 % rise for the default.
+4. SmolLM2-135M (the offline alias, dequantized to fp32) against its int8 copy: decode >= 1.5x.
 
-Run: .venv/bin/python bench/quant.py [--sections kernels,gpt2,smollm2] [--skip-compile] [--rounds N]
+Run: .venv/bin/python bench/quant.py [--sections kernels,gpt2,quality,smollm2] [--tiny-model DIR] [--rounds N]
 Writes bench/results/quant.json.
 """
 
@@ -18,6 +20,7 @@ import argparse
 import json
 import os
 import platform
+import sys
 import tempfile
 import time
 import warnings
@@ -205,7 +208,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=20, help="timed repeats per kernel row")
     ap.add_argument("--rounds", type=int, default=2, help="slm bench rounds (best of, interleaved)")
     ap.add_argument("--skip-compile", action="store_true", help="no torch.compile rows (they compile for minutes)")
-    ap.add_argument("--sections", default="kernels,gpt2,smollm2", help="comma-separated parts to run")
+    ap.add_argument("--sections", default="kernels,gpt2,quality,smollm2", help="comma-separated parts to run")
+    ap.add_argument("--tiny-model", default="runs/tiny-wiki", help="trained tiny model (bench/train_tiny.py)")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "quant.json"))
     args = ap.parse_args()
     result = {"machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
@@ -230,6 +234,8 @@ def main() -> None:
         work = Path(tmp)
         if "gpt2" in sections:
             gpt2_section(work, args, result)
+        if "quality" in sections:
+            quality_section(work, args, result)
         if "smollm2" in sections:
             smollm2_section(work, args, result)
 
@@ -261,6 +267,44 @@ def gpt2_section(work: Path, args, result: dict) -> None:
                               "size": d["file_bytes"], "size_ok": d["file_bytes"] <= 0.35,
                               "rss": d["peak_rss_bytes"], "rss_ok": d["peak_rss_bytes"] <= 0.5}
     print("targets (dynamic-int8 vs fp32):", result["targets_gpt2"], flush=True)
+
+
+def quality_section(work: Path, args, result: dict) -> None:
+    """Perplexity of a trained tiny model on held-out text, fp32 against every method and
+    head/embedding choice (in this process: quality does not depend on the process)."""
+    from slm.benchmark import perplexity
+    from slm.loading import open_model
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from train_tiny import val_rows
+
+    rows = val_rows(256)
+    batches = [(rows[i:i + 8, :-1].contiguous(), rows[i:i + 8, 1:].contiguous()) for i in range(0, len(rows), 8)]
+    src = args.tiny_model
+    variants = {"fp32": None, "dynamic-int8 (default)": QuantConfig(),
+                "dynamic-int8, head fp32": QuantConfig(exclude=["lm_head"]),
+                "dynamic-int8, emb fp32": QuantConfig(exclude=["transformer.wte"]),
+                "dynamic-int8, head+emb fp32": QuantConfig(exclude=["lm_head", "transformer.wte"]),
+                "weight-int8": QuantConfig(method="weight-int8"),
+                "weight-int4": QuantConfig(method="weight-int4")}
+    print(f"== quality: {src}, perplexity on {rows.numel()} held-out wiki-vital tokens", flush=True)
+    out = []
+    for name, qcfg in variants.items():
+        path = src
+        if qcfg is not None:
+            path = str(work / f"tiny-{len(out)}")
+            quantize_to_dir(src, path, qcfg)
+        m = open_model(path)
+        row = {"name": name, **perplexity(m.model, batches),
+               "file_bytes": sum(p.stat().st_size for p in Path(path).glob("*.safetensors"))}
+        row["perplexity_change"] = row["perplexity"] / out[0]["perplexity"] - 1 if out else 0.0
+        out.append(row)
+        print(f"{name:<30} ppl {row['perplexity']:9.3f}  {row['perplexity_change']:+7.2%}  "
+              f"{row['file_bytes'] / 1e6:7.1f} MB", flush=True)
+    result["quality_tiny"] = out
+    rise = out[1]["perplexity_change"]
+    result["targets_quality"] = {"ppl_rise": rise, "ppl_ok": rise <= 0.02}
+    print("target (default int8 perplexity rise <= 2 %):", result["targets_quality"], flush=True)
 
 
 def smollm2_section(work: Path, args, result: dict) -> None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import resource
 import subprocess
 import sys
@@ -120,6 +121,21 @@ def measure(spec: str, cfg: BenchConfig) -> dict:
     if cfg.sql_data:
         row.update(sql_accuracy(loaded, cfg.sql_data))
     return row
+
+
+def perplexity(model, batches) -> dict:
+    """exp(mean next-token cross-entropy) over (x, y) token batches, and the token count."""
+    import torch
+
+    total, n = 0.0, 0
+    with torch.inference_mode():
+        for x, y in batches:
+            _, loss = model(x, y)
+            total += float(loss) * y.numel()
+            n += y.numel()
+    if n == 0:
+        raise SlmError("no validation tokens to measure perplexity on")
+    return {"perplexity": math.exp(total / n), "eval_tokens": n}
 
 
 def sql_accuracy(loaded, sql_data: str) -> dict:

@@ -411,3 +411,15 @@ def test_quantize_and_bench_commands(trained, tmp_path, capsys):
     assert "decode" in capsys.readouterr().out
     assert main(["bench", "--model", str(tmp_path / "missing")]) == 1
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_bench_process_stays_lean_for_slm_models(quantized):
+    """Measuring an slm model imports neither transformers nor torchao (RSS is the model's)."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from slm.benchmark import BenchConfig, measure; "
+            f"measure({str(quantized)!r}, BenchConfig(prompt_tokens=8, new_tokens=4, repeats=1)); "
+            "print(sorted(m for m in ('transformers', 'torchao', 'accelerate') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip().splitlines()[-1] == "[]"
