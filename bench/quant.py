@@ -276,9 +276,11 @@ def quality_section(work: Path, args, result: dict) -> None:
     from slm.loading import open_model
 
     sys.path.insert(0, str(Path(__file__).parent))
-    from train_tiny import val_rows
+    from train_tiny import is_val, packed, val_rows, wiki_vital_texts
 
     rows = val_rows(256)
+    train = packed([t for t in wiki_vital_texts() if not is_val(t)][:400], 256)
+    calibration = [train[i:i + 4, :-1].contiguous() for i in range(0, 64, 4)]  # 16 batches of 4 x 256
     batches = [(rows[i:i + 8, :-1].contiguous(), rows[i:i + 8, 1:].contiguous()) for i in range(0, len(rows), 8)]
     src = args.tiny_model
     variants = {"fp32": None, "dynamic-int8 (default)": QuantConfig(),
@@ -286,20 +288,21 @@ def quality_section(work: Path, args, result: dict) -> None:
                 "dynamic-int8, emb fp32": QuantConfig(exclude=["transformer.wte"]),
                 "dynamic-int8, head+emb fp32": QuantConfig(exclude=["lm_head", "transformer.wte"]),
                 "weight-int8": QuantConfig(method="weight-int8"),
-                "weight-int4": QuantConfig(method="weight-int4")}
+                "weight-int4": QuantConfig(method="weight-int4"),
+                "static-int8 (16 x 4 x 256 training tokens)": QuantConfig(method="static-int8")}
     print(f"== quality: {src}, perplexity on {rows.numel()} held-out wiki-vital tokens", flush=True)
     out = []
     for name, qcfg in variants.items():
         path = src
         if qcfg is not None:
             path = str(work / f"tiny-{len(out)}")
-            quantize_to_dir(src, path, qcfg)
+            quantize_to_dir(src, path, qcfg, calibration=lambda tokenizer, block: calibration)
         m = open_model(path)
         row = {"name": name, **perplexity(m.model, batches),
                "file_bytes": sum(p.stat().st_size for p in Path(path).glob("*.safetensors"))}
         row["perplexity_change"] = row["perplexity"] / out[0]["perplexity"] - 1 if out else 0.0
         out.append(row)
-        print(f"{name:<30} ppl {row['perplexity']:9.3f}  {row['perplexity_change']:+7.2%}  "
+        print(f"{name:<44} ppl {row['perplexity']:9.3f}  {row['perplexity_change']:+7.2%}  "
               f"{row['file_bytes'] / 1e6:7.1f} MB", flush=True)
     result["quality_tiny"] = out
     rise = out[1]["perplexity_change"]
