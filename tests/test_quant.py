@@ -328,6 +328,11 @@ def test_already_quantized_model_is_not_quantized_again(quantized, tmp_path):
         quantize_to_dir(str(quantized), tmp_path / "again", QuantConfig())
 
 
+def test_quantizing_over_the_source_is_refused(trained):
+    with pytest.raises(SlmError, match="elsewhere"):
+        quantize_to_dir(str(trained[0]), trained[0], QuantConfig())
+
+
 def test_config_errors():
     with pytest.raises(SlmError, match="unknown quantization method"):
         QuantConfig(method="int2")

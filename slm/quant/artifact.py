@@ -57,6 +57,8 @@ def quantize_to_dir(source: str, out: str | Path, cfg: QuantConfig, calibration=
     from slm.quant.calibrate import input_ranges
 
     out = Path(out)
+    if Path(source).exists() and out.exists() and out.resolve() == Path(source).resolve():
+        raise SlmError(f"--out {out} is the model being quantized; write the quantized copy elsewhere")
     loaded = open_model(source)
     if loaded.kind in (GPT_KIND, HF_KIND):
         raise SlmError(f"{source} is already quantized ({loaded.kind}); quantize the float model it came from")
