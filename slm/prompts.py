@@ -19,6 +19,8 @@ generation stops at <|endoftext|>.
 
 from __future__ import annotations
 
+import uuid
+
 from slm.errors import SlmError
 
 ROLES = {"system": "System", "user": "User", "assistant": "Assistant"}
@@ -44,3 +46,26 @@ def chat_prompt(tokenizer, messages: list[dict], add_generation_prompt: bool = T
     if getattr(tokenizer, "has_chat_template", False):
         return tokenizer.hf.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=False)
     return plain_chat_prompt(messages, add_generation_prompt)
+
+
+def chat_prompt_ids(tokenizer, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+    """Token ids of the chat prompt, with every message's content encoded as plain text.
+
+    The template's own special tokens (e.g. `<|im_start|>`) are real; the same strings typed
+    inside a message stay text, so untrusted content cannot forge turns or end-of-text. The
+    template is rendered with a unique marker in place of each content; the text between
+    markers is encoded with special tokens, each content with `encode_ordinary`.
+    """
+    if not getattr(tokenizer, "has_chat_template", False):
+        return tokenizer.encode_ordinary(plain_chat_prompt(messages, add_generation_prompt))
+    tag = uuid.uuid4().hex
+    markers = [f"[[{tag}:{i}]]" for i in range(len(messages))]
+    rendered = chat_prompt(tokenizer, [{**m, "content": k} for m, k in zip(messages, markers)], add_generation_prompt)
+    ids, pos = [], 0
+    for m, k in zip(messages, markers):
+        at = rendered.find(k, pos)
+        if at < 0:  # the template left this message out
+            continue
+        ids += tokenizer.encode(rendered[pos:at]) + tokenizer.encode_ordinary(m["content"])
+        pos = at + len(k)
+    return ids + tokenizer.encode(rendered[pos:])

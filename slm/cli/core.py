@@ -35,8 +35,10 @@ def register(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="initialization seed (default: 0)")
     p.set_defaults(func=cmd_init)
 
-    p = sub.add_parser("convert", help="convert Hugging Face GPT-2 weights into an slm model directory")
-    p.add_argument("--from-hf", required=True, metavar="HF_DIR", help="local Hugging Face GPT-2 directory")
+    p = sub.add_parser("convert", help="convert GPT-2 weights (Hugging Face or GGUF) into an slm model directory")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--from-hf", metavar="HF_DIR", help="local Hugging Face GPT-2 directory")
+    src.add_argument("--from-gguf", metavar="FILE", help="GPT-2 GGUF file (f32, f16 or q8_0; dequantized to fp32)")
     p.add_argument("--out", required=True, help="output model directory")
     p.set_defaults(func=cmd_convert)
 
@@ -74,15 +76,22 @@ def cmd_init(args) -> int:
 
 
 def cmd_convert(args) -> int:
-    from slm.interop.hf import load_hf_gpt2
+    if args.from_gguf:
+        from slm.interop.gguf import read_gguf_gpt2
 
-    cfg, tensors = load_hf_gpt2(args.from_hf)
+        cfg, tensors, meta = read_gguf_gpt2(args.from_gguf)
+        source = {"gguf": str(args.from_gguf), **({"gguf_metadata": meta} if meta else {})}
+    else:
+        from slm.interop.hf import load_hf_gpt2
+
+        cfg, tensors = load_hf_gpt2(args.from_hf)
+        source = {"hf": str(args.from_hf)}
     with torch.device("meta"):
         model = GPT(cfg)
     model.load_state_dict(tensors, strict=False, assign=True)
     model.lm_head.weight = model.transformer.wte.weight
-    save_model(args.out, model, metadata={"created_by": "slm convert", "source": {"hf": str(args.from_hf)}})
-    print(f"wrote {args.out}: {model.num_params() / 1e6:.2f}M parameters from {args.from_hf}")
+    save_model(args.out, model, metadata={"created_by": "slm convert", "source": source})
+    print(f"wrote {args.out}: {model.num_params() / 1e6:.2f}M parameters from {args.from_hf or args.from_gguf}")
 
 
 def describe(cfg: ModelConfig) -> dict:

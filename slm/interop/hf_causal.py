@@ -117,7 +117,12 @@ class HFTokenizer:
         return bool(getattr(self.hf, "chat_template", None))
 
     def encode(self, text: str) -> list[int]:
+        """Text with special-token strings parsed as special tokens (for chat templates)."""
         return self.hf.encode(text, add_special_tokens=False)
+
+    def encode_ordinary(self, text: str) -> list[int]:
+        """Untrusted text: special-token strings stay text, as slm's GPT-2 `encode` does."""
+        return self.hf.encode(text, add_special_tokens=False, split_special_tokens=True)
 
     def decode(self, ids: list[int]) -> str:
         return self.hf.decode(ids, skip_special_tokens=True)
@@ -162,6 +167,18 @@ def hf_tokenizer_fingerprint(tok) -> str:
     return h.hexdigest()
 
 
+def gguf_config(source: str, gguf_file: str):
+    """transformers' config for a GGUF file. Its gpt2 mapping sets `n_ctx` from the file's
+    context length but leaves `n_positions` (the position table's size) at 1024, so any GPT-2
+    GGUF with another context fails to load; the table's size is the context length."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(source, gguf_file=gguf_file)
+    if config.model_type == "gpt2" and getattr(config, "n_ctx", None):
+        config.n_positions = config.n_ctx
+    return config
+
+
 def load_hf(spec: str | Path, device="cpu", dtype: torch.dtype | None = torch.float32) -> tuple[HFCausalLM, HFTokenizer]:
     """Load a Hugging Face causal LM: an alias, a .gguf file, a local directory or a hub id."""
     try:
@@ -182,6 +199,8 @@ def load_hf(spec: str | Path, device="cpu", dtype: torch.dtype | None = torch.fl
         source, name = spec, Path(spec).name if Path(spec).exists() else spec
     try:
         tok = AutoTokenizer.from_pretrained(source, **kw)
+        if "gguf_file" in kw:
+            kw["config"] = gguf_config(source, kw["gguf_file"])
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kw)
     except (OSError, ValueError) as e:
         raise SlmError(f"cannot load Hugging Face model {spec!r}: {str(e).splitlines()[0]}") from None
