@@ -7,6 +7,7 @@ meaningful; the speed is the same) is saved as an slm directory, exported with
 256 new tokens greedily after the same 16-token prompt, batch 1, --threads threads (2), best of
 N runs:
   slm-fp32        slm's generate loop, KV cache, decode layout (slm generate's default)
+  slm-int8        the same loop on `slm quantize`'s default (dynamic int8) copy of the model
   llamacpp-f32    llama.cpp (llama-cpp-python) on the f32 GGUF
   llamacpp-q8_0   llama.cpp on the q8_0 GGUF
   transformers    GPT2LMHeadModel.generate on the HF export, fp32
@@ -18,7 +19,6 @@ threads, spin-waiting inflates). Also reported: whether
 greedy tokens agree with slm's, and the q8_0 perplexity change vs f32 in llama.cpp on 256
 tokens the model itself sampled (temperature 1).
 
-slm's int8 row (the quantization issue) is added here once it lands on main.
 llama.cpp rows need `pip install 'slm[llama]'` (llama-cpp-python builds from source, ~5-30 min).
 
 Run: .venv/bin/python bench/export.py [--new-tokens 256] [--repeats 3] [--threads 2] [--out bench/results/export.json]
@@ -42,7 +42,10 @@ from slm.config import preset
 from slm.generate import GenerationStats, SamplingConfig, generate
 from slm.inference import for_inference
 from slm.interop.export import export_gguf, export_hf
+from slm.loading import open_model
 from slm.model import GPT
+from slm.quant.artifact import quantize_to_dir
+from slm.quant.quantize import QuantConfig
 
 def best(fn, repeats):
     rows = [fn() for _ in range(repeats)]
@@ -136,6 +139,8 @@ def main() -> None:
         export_hf(model_dir, tmp / "hf")
         slm_model = for_inference(load_model(model_dir)[0])
         rows = [slm_row(slm_model, prompt, n, args.repeats)]
+        quantize_to_dir(str(model_dir), tmp / "gpt2-int8", QuantConfig())  # slm's default int8 method
+        rows.append({**slm_row(open_model(tmp / "gpt2-int8").model, prompt, n, args.repeats), "name": "slm-int8"})
         # Text the model itself samples: what perplexity is measured on.
         sample = [50256] + list(generate(slm_model, [50256], SamplingConfig(max_new_tokens=255, temperature=1.0, seed=0),
                                          vocab_limit=50257))
@@ -157,7 +162,10 @@ def main() -> None:
         return by[a][key] / by[b][key]
 
     ratios = {"slm_fp32_over_transformers": ratio("slm-fp32", "transformers")}
+    ratios["slm_int8_over_slm_fp32"] = ratio("slm-int8", "slm-fp32")
     if have_llama:
+        ratios["slm_int8_over_llamacpp_q8_0"] = ratio("slm-int8", "llamacpp-q8_0")
+        ratios["slm_int8_over_llamacpp_q8_0_cpu_time"] = ratio("slm-int8", "llamacpp-q8_0", "cpu_tok_s")
         ratios["slm_fp32_over_llamacpp_f32"] = ratio("slm-fp32", "llamacpp-f32")
         ratios["slm_fp32_over_llamacpp_f32_cpu_time"] = ratio("slm-fp32", "llamacpp-f32", "cpu_tok_s")
         ratios["llamacpp_q8_0_over_f32"] = ratio("llamacpp-q8_0", "llamacpp-f32")

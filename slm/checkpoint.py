@@ -184,13 +184,53 @@ def verify_weights(directory: Path, raw: dict) -> Path:
     return path
 
 
+class TensorFile:
+    """A safetensors file read one tensor at a time (so loading never holds two copies of a
+    model), with a damaged file reported as an `SlmError`."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        try:
+            self._f = safe_open(str(path), framework="pt")
+            self._keys = dict.fromkeys(self._f.keys())  # ordered, fast membership
+        except (SafetensorError, OSError, ValueError) as e:
+            raise self._damaged(e) from None
+
+    def _damaged(self, e) -> SlmError:
+        return SlmError(f"cannot read weights file {self.path}: {e}. The file is damaged; re-copy or re-save it.")
+
+    def keys(self) -> list[str]:
+        return list(self._keys)
+
+    def get(self, name: str) -> torch.Tensor:
+        """One tensor, backed by the file's memory map (no copy)."""
+        self._check(name)
+        try:
+            return self._f.get_tensor(name)
+        except (SafetensorError, OSError, ValueError) as e:
+            raise self._damaged(e) from None
+
+    def get_separate(self, name: str) -> torch.Tensor:
+        """One tensor in a memory map of its own, no copy: its pages leave memory when the
+        tensor is dropped, however long the rest of the file's tensors live (so a model can
+        repack weights without keeping the originals resident), and pages never read (rows
+        of an embedding table never looked up) are never loaded."""
+        self._check(name)
+        try:
+            with safe_open(str(self.path), framework="pt") as f:
+                return f.get_tensor(name)
+        except (SafetensorError, OSError, ValueError) as e:
+            raise self._damaged(e) from None
+
+    def _check(self, name: str) -> None:
+        if name not in self._keys:
+            raise SlmError(f"weights file {self.path} has no tensor {name!r}; the artifact is incomplete")
+
+
 def read_tensors(path: Path) -> dict[str, torch.Tensor]:
     """All tensors of a safetensors file, as readable errors when the file is damaged."""
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}
-    except (SafetensorError, OSError, ValueError) as e:
-        raise SlmError(f"cannot read weights file {path}: {e}. The file is damaged; re-copy or re-save it.") from None
+    f = TensorFile(path)
+    return {k: f.get(k) for k in f.keys()}
 
 
 def load_model(directory: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,

@@ -39,8 +39,26 @@ def for_inference(model: GPT) -> GPT:
             for name in ("c_attn", "c_fc", "c_proj"):
                 if isinstance(getattr(parent, name, None), nn.Linear):
                     setattr(parent, name, TransposedLinear(getattr(parent, name)))
-    head = TransposedLinear(model.lm_head)
-    model.lm_head = head
-    # The token embedding becomes a view of the head's transposed table: one copy in memory.
-    model.transformer.wte.weight = nn.Parameter(head.weight_t.t(), requires_grad=False)
+    if isinstance(model.lm_head, nn.Linear):  # (a quantized head has its own layout)
+        tied = model.lm_head.weight is getattr(model.transformer.wte, "weight", None)
+        head = TransposedLinear(model.lm_head)
+        model.lm_head = head
+        if tied:  # the token embedding becomes a view of the head's transposed table: one copy
+            model.transformer.wte.weight = nn.Parameter(head.weight_t.t(), requires_grad=False)
+    return model
+
+
+def to_linear_layout(model: GPT) -> GPT:
+    """Undo `for_inference` (in place): nn.Linear layers again, the head tied to the token
+    embedding, so the model's tensors have their saved names and shapes."""
+    for name, module in list(model.named_modules()):
+        if isinstance(module, TransposedLinear):
+            lin = nn.Linear(*module.weight_t.shape, bias=module.bias is not None, device="meta")
+            lin.weight = nn.Parameter(module.weight_t.t(), requires_grad=False)
+            lin.bias = module.bias
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, lin)
+    if isinstance(model.lm_head, nn.Linear) and isinstance(model.transformer.wte, nn.Embedding) \
+            and model.lm_head.weight.data_ptr() == model.transformer.wte.weight.data_ptr():
+        model.lm_head.weight = model.transformer.wte.weight
     return model

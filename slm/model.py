@@ -128,7 +128,7 @@ class GPT(nn.Module):
         return n
 
     def make_cache(self, batch_size: int = 1) -> KVCache:
-        w = self.transformer.wte.weight
+        w = self.transformer.wpe.weight  # float even when the token table is quantized
         return KVCache(self.config, batch_size, w.device, w.dtype)
 
     def hidden_states(self, idx, cache: KVCache | None = None):

@@ -204,7 +204,14 @@ def load_hf(spec: str | Path, device="cpu", dtype: torch.dtype | None = torch.fl
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kw)
     except (OSError, ValueError) as e:
         raise SlmError(f"cannot load Hugging Face model {spec!r}: {str(e).splitlines()[0]}") from None
+    model, tok = wrap_hf(model, tok, name)
+    return model.to(device), tok
+
+
+def wrap_hf(model: nn.Module, tok, name: str) -> tuple[HFCausalLM, HFTokenizer]:
+    """slm's interfaces around a loaded transformers model and tokenizer (eval mode); the
+    generation config's end-of-sequence ids become stop ids."""
     gen = getattr(model, "generation_config", None)
     eos = getattr(gen, "eos_token_id", None)
     extra = eos if isinstance(eos, (list, tuple)) else [eos]
-    return HFCausalLM(model).to(device).eval(), HFTokenizer(tok, name, extra)
+    return HFCausalLM(model).eval(), HFTokenizer(tok, name, extra)
