@@ -28,6 +28,7 @@ from slm.errors import SlmError
 # kind in config.json -> "module:function(path, device, dtype) -> LoadedModel"
 ARTIFACT_LOADERS: dict[str, str] = {
     "gpt": "slm.loading:load_slm_gpt",
+    "finetune": "slm.finetune.artifact:load_finetuned",
 }
 # Functions "module:function(path) -> Path | None" that map a directory which is not itself an
 # artifact (e.g. a training run) to the artifact directory to load.
