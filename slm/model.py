@@ -131,10 +131,9 @@ class GPT(nn.Module):
         w = self.transformer.wte.weight
         return KVCache(self.config, batch_size, w.device, w.dtype)
 
-    def forward(self, idx, targets=None, cache: KVCache | None = None, last_only: bool = False):
-        """Logits (B, T, vocab) and, given targets, the mean cross-entropy over targets that
-        are not -100. With a cache, idx continues the cached sequence; `last_only` computes
-        the head for the final position only, as sampling needs."""
+    def hidden_states(self, idx, cache: KVCache | None = None):
+        """Final-LayerNorm outputs (B, T, n_embd): everything but the head. Training computes
+        the head and the loss together from these (slm/train/losses.py)."""
         B, T = idx.shape
         start = cache.pos if cache is not None else 0
         if start + T > self.config.block_size:
@@ -145,7 +144,13 @@ class GPT(nn.Module):
             x = block(x, cache, i)
         if cache is not None:
             cache.pos += T
-        x = self.transformer.ln_f(x)
+        return self.transformer.ln_f(x)
+
+    def forward(self, idx, targets=None, cache: KVCache | None = None, last_only: bool = False):
+        """Logits (B, T, vocab) and, given targets, the mean cross-entropy over targets that
+        are not -100. With a cache, idx continues the cached sequence; `last_only` computes
+        the head for the final position only, as sampling needs."""
+        x = self.hidden_states(idx, cache)
         if last_only:
             x = x[:, -1:, :]
         logits = self.lm_head(x)

@@ -30,3 +30,17 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip("../shared/data is not present (it exists beside the project in development and CI only)")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="session", autouse=True)
+def slm_cache_dir(tmp_path_factory):
+    """Caches (the wiki-vital parquet shards) go to a per-session directory, not the user's."""
+    import os
+
+    old = os.environ.get("SLM_CACHE_DIR")
+    os.environ["SLM_CACHE_DIR"] = str(tmp_path_factory.mktemp("slm-cache"))
+    yield os.environ["SLM_CACHE_DIR"]
+    if old is None:
+        del os.environ["SLM_CACHE_DIR"]
+    else:
+        os.environ["SLM_CACHE_DIR"] = old

@@ -16,7 +16,7 @@ from slm import __version__
 from slm.errors import SlmError
 
 # Modules under slm.cli, in the order their commands appear in `slm --help`.
-COMMANDS = ["core", "finetune"]
+COMMANDS = ["core", "data", "finetune"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,215 @@
+"""Training checkpoints in a run directory: atomic, verified, retained by policy, found for resume.
+
+A checkpoint is a directory `step-0000120/` inside the run directory:
+
+    model.safetensors, config.json   an slm model directory (loadable wherever --model is taken)
+    optimizer.safetensors            AdamW moments and step counts, keyed "<parameter name>/<key>"
+    trainer.json                     step, tokens, schedule, guards, RNG and data-stream state (JSON)
+    manifest.json                    size and SHA-256 of every file above; written last
+
+Everything is written into a hidden temporary directory, fsynced, and renamed into place, so a
+`step-*` directory is complete or absent. A checkpoint damaged later (truncated copy, bit rot)
+fails its manifest and is reported and skipped on resume. Nothing here unpickles: tensors are
+safetensors, the rest JSON.
+
+The manager knows nothing about models: the caller gives it a function that writes the model
+files, and tensors and JSON for the rest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from safetensors.torch import save as safetensors_bytes
+
+from slm.checkpoint import atomic_write_bytes, fsync_dir, read_tensors
+
+MANIFEST = "manifest.json"
+OPTIMIZER_FILE = "optimizer.safetensors"
+STATE_FILE = "trainer.json"
+_NAME = re.compile(r"^step-(\d+)$")
+
+
+def checkpoint_name(step: int) -> str:
+    return f"step-{step:07d}"
+
+
+def checkpoint_step(path: Path) -> int | None:
+    m = _NAME.match(path.name)
+    return int(m.group(1)) if m else None
+
+
+class CorruptCheckpoint(Exception):
+    pass
+
+
+@dataclass
+class SaveStats:
+    seconds: float
+    bytes: int
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def verify(path: Path) -> dict:
+    """The checkpoint's trainer state, after checking every file against the manifest."""
+    manifest_path = path / MANIFEST
+    if not manifest_path.is_file():
+        raise CorruptCheckpoint("no manifest.json (incomplete)")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        files = manifest["files"]
+    except (ValueError, KeyError, TypeError):
+        raise CorruptCheckpoint("manifest.json is damaged") from None
+    for name, info in files.items():
+        f = path / name
+        if not f.is_file():
+            raise CorruptCheckpoint(f"{name} is missing")
+        if f.stat().st_size != info["bytes"]:
+            raise CorruptCheckpoint(f"{name} is {f.stat().st_size} bytes, {info['bytes']} were written")
+        if _sha256(f) != info["sha256"]:
+            raise CorruptCheckpoint(f"{name} does not match its checksum")
+    try:
+        return json.loads((path / STATE_FILE).read_text())
+    except (OSError, ValueError) as e:
+        raise CorruptCheckpoint(f"{STATE_FILE} unreadable: {e}") from None
+
+
+def read_state(path: Path) -> dict | None:
+    """trainer.json without verification (for listing), or None if unreadable."""
+    try:
+        return json.loads((path / STATE_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def optimizer_to_tensors(osd: dict) -> tuple[dict[str, torch.Tensor], list[dict]]:
+    """A full, name-keyed optimizer state dict -> safetensors tensors + JSON param groups."""
+    tensors = {}
+    for name, state in osd["state"].items():
+        for key, value in state.items():
+            t = value if isinstance(value, torch.Tensor) else torch.tensor(value)
+            tensors[f"{name}/{key}"] = t.detach().cpu().contiguous()
+    groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()} for g in osd["param_groups"]]
+    return tensors, groups
+
+
+def optimizer_from_tensors(tensors: dict[str, torch.Tensor], groups: list[dict]) -> dict:
+    state: dict[str, dict] = {}
+    for key, t in tensors.items():
+        name, _, field = key.rpartition("/")
+        state.setdefault(name, {})[field] = t
+    groups = [{k: (tuple(v) if k == "betas" else v) for k, v in g.items()} for g in groups]
+    return {"state": state, "param_groups": groups}
+
+
+class CheckpointManager:
+    """Save, list, verify, retain and find the checkpoints of one run directory."""
+
+    def __init__(self, run_dir: str | Path, keep_last: int = 3, report: Callable[[str], None] = print):
+        self.run_dir = Path(run_dir)
+        self.keep_last = keep_last
+        self.report = report
+
+    # ------------------------------------------------------------------------ listing
+
+    def checkpoints(self) -> list[Path]:
+        """Checkpoint directories, oldest first (complete by construction; verify() checks it)."""
+        if not self.run_dir.is_dir():
+            return []
+        found = [p for p in self.run_dir.iterdir() if p.is_dir() and checkpoint_step(p) is not None]
+        return sorted(found, key=checkpoint_step)
+
+    def latest_valid(self) -> tuple[Path, dict] | None:
+        """The newest checkpoint that passes verification; damaged ones are reported and skipped."""
+        for path in reversed(self.checkpoints()):
+            try:
+                return path, verify(path)
+            except CorruptCheckpoint as e:
+                self.report(f"checkpoint {path.name} is incomplete or corrupt ({e}); skipping it")
+        return None
+
+    def best(self) -> Path | None:
+        """The checkpoint with the lowest validation loss measured at its step, if any has one."""
+        scored = []
+        for path in self.checkpoints():
+            state = read_state(path)
+            if state and state.get("val_loss") is not None:
+                scored.append((state["val_loss"], checkpoint_step(path), path))
+        return min(scored)[2] if scored else None
+
+    def clean_temporaries(self) -> None:
+        """Remove what an interrupted save or prune left behind (hidden .tmp-/.trash- dirs)."""
+        if not self.run_dir.is_dir():
+            return
+        for p in self.run_dir.iterdir():
+            if p.is_dir() and p.name.startswith((".tmp-step-", ".trash-step-")):
+                if p.name.startswith(".tmp-"):
+                    self.report(f"removing incomplete checkpoint {p.name} (a save was interrupted)")
+                shutil.rmtree(p, ignore_errors=True)
+
+    # ------------------------------------------------------------------------ writing
+
+    def save(self, step: int, write_model: Callable[[Path], None], optimizer_tensors: dict[str, torch.Tensor],
+             state: dict) -> SaveStats:
+        """Write checkpoint `step` atomically, then apply the retention policy."""
+        t0 = time.perf_counter()
+        final = self.run_dir / checkpoint_name(step)
+        if final.exists():  # saved already at this step (e.g. a periodic save, then the final one)
+            return SaveStats(0.0, 0)
+        tmp = self.run_dir / f".tmp-{final.name}-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        write_model(tmp)
+        blob = safetensors_bytes(optimizer_tensors, metadata={"format": "pt"})
+        atomic_write_bytes(tmp / OPTIMIZER_FILE, blob)
+        atomic_write_bytes(tmp / STATE_FILE, (json.dumps(state, indent=1) + "\n").encode())
+        files = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(tmp.iterdir())}
+        atomic_write_bytes(tmp / MANIFEST, (json.dumps({"step": step, "files": files}, indent=1) + "\n").encode())
+        os.replace(tmp, final)
+        fsync_dir(self.run_dir)
+        self.prune()
+        return SaveStats(time.perf_counter() - t0, sum(f["bytes"] for f in files.values()))
+
+    def prune(self) -> None:
+        """Keep the last `keep_last` checkpoints and the best by validation loss; delete the rest."""
+        ckpts = self.checkpoints()
+        keep = set(ckpts[-self.keep_last:])
+        best = self.best()
+        if best is not None:
+            keep.add(best)
+        for path in ckpts:
+            if path not in keep:
+                trash = self.run_dir / f".trash-{path.name}"
+                os.replace(path, trash)  # gone from the listing at once, even if rmtree is interrupted
+                shutil.rmtree(trash, ignore_errors=True)
+
+
+def load_optimizer(path: Path) -> dict:
+    """The name-keyed optimizer state of a verified checkpoint."""
+    state = json.loads((path / STATE_FILE).read_text())
+    return optimizer_from_tensors(read_tensors(path / OPTIMIZER_FILE), state["optimizer_param_groups"])
+
+
+def find_model_dir(run_dir: Path) -> Path | None:
+    """What `--model RUN_DIR` loads: the best checkpoint by validation loss, else the latest."""
+    manager = CheckpointManager(run_dir, report=lambda _: None)
+    if not manager.checkpoints():
+        return None
+    return manager.best() or manager.checkpoints()[-1]
+

@@ -1,0 +1,99 @@
+"""What the hardware can do: GPU specs (memory, peak FLOPs, an assumed price) and CPU measurements.
+
+GPU peaks are the vendors' dense tensor-core numbers (bf16; TF32 for fp32 matmuls). A CPU has
+no datasheet number that means much, so its peak is measured: the best FLOP rate of large
+matmuls in the given dtype with the threads this process uses. Prices are rough on-demand cloud
+rates, printed as assumptions and overridable.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from dataclasses import dataclass
+
+import psutil
+import torch
+
+from slm.errors import SlmError
+
+
+@dataclass(frozen=True)
+class GPUSpec:
+    name: str
+    memory_gb: float
+    bf16_tflops: float
+    fp32_tflops: float  # TF32 tensor cores
+    price_per_hour: float  # USD, an assumption
+
+
+GPUS = {
+    "h100": GPUSpec("NVIDIA H100 SXM 80GB", 80, 989.4, 494.7, 2.50),
+    "h200": GPUSpec("NVIDIA H200 SXM 141GB", 141, 989.4, 494.7, 3.50),
+    "a100": GPUSpec("NVIDIA A100 SXM 80GB", 80, 312.0, 156.0, 1.50),
+    "a100-40gb": GPUSpec("NVIDIA A100 40GB", 40, 312.0, 156.0, 1.20),
+    "l4": GPUSpec("NVIDIA L4 24GB", 24, 121.0, 60.0, 0.80),
+}
+DEVICE_CHOICES = ["cpu", "cuda", *GPUS]
+
+
+def gpu_spec(name: str) -> GPUSpec:
+    if name not in GPUS:
+        raise SlmError(f"unknown device {name!r}; choose one of: {', '.join(DEVICE_CHOICES)}")
+    return GPUS[name]
+
+
+def detect_gpu(index: int = 0) -> str | None:
+    """The GPUS key of an attached CUDA device, if it is one we know."""
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name(index).upper()
+    for key in ("H200", "H100", "A100", "L4"):
+        if key in name:
+            if key == "A100" and torch.cuda.get_device_properties(index).total_memory < 60e9:
+                return "a100-40gb"
+            return key.lower()
+    return None
+
+
+@functools.cache
+def cpu_matmul_peak(dtype: torch.dtype = torch.float32, n: int = 1024, seconds: float = 0.3) -> float:
+    """Best measured FLOP/s of an n x n matmul on this CPU with this process's threads."""
+    a = torch.randn(n, n, dtype=dtype)
+    b = torch.randn(n, n, dtype=dtype)
+    a @ b
+    best, end = 0.0, time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        t = time.perf_counter()
+        a @ b
+        best = max(best, 2 * n**3 / (time.perf_counter() - t))
+    return best
+
+
+def peak_flops(device: torch.device, dtype: torch.dtype) -> float | None:
+    """Peak matmul FLOP/s of the device training runs on: measured on CPU, datasheet on a known GPU."""
+    if device.type == "cpu":
+        return cpu_matmul_peak(dtype)
+    key = detect_gpu(device.index or 0) if device.type == "cuda" else None
+    if key is None:
+        return None
+    spec = GPUS[key]
+    return 1e12 * (spec.bf16_tflops if dtype == torch.bfloat16 else spec.fp32_tflops)
+
+
+def cpu_bf16_native() -> bool:
+    """Whether this CPU has bf16 dot-product instructions (AVX-512 BF16 or AMX)."""
+    caps = torch.backends.cpu.get_cpu_capability()
+    try:
+        flags = open("/proc/cpuinfo").read()
+    except OSError:
+        flags = ""
+    return "avx512_bf16" in flags or "amx_bf16" in flags or caps.startswith("AMX")
+
+
+def memory_available(device: torch.device) -> int:
+    """Bytes a training process may use: free GPU memory, or available RAM on CPU."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free
+    return psutil.virtual_memory().available
