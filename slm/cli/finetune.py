@@ -13,7 +13,18 @@ MODEL_HELP = ("model directory (slm, fine-tune output, training run, Hugging Fac
 
 
 def register(sub) -> None:
+    from slm.finetune.lora import LoraSettings
+    from slm.finetune.loop import FinetuneConfig, FinetuneTrainConfig
     from slm.finetune.sqleval import EvalSqlConfig
+
+    p = sub.add_parser("finetune", help="fine-tune a model on examples (LoRA or full), with slm's training loop")
+    add_dataclass_args(p, FinetuneConfig)
+    p.add_argument("--out", required=True, help="output directory: adapter, merged model, checkpoints, metrics.jsonl")
+    add_dataclass_args(p, LoraSettings)
+    add_dataclass_args(p, FinetuneTrainConfig, exclude=("fsdp", "memory_gb", "check_memory"))
+    p.add_argument("--resume", action="store_true", help="continue the fine-tune in --out from its last checkpoint")
+    p.add_argument("--json", action="store_true", help="print the run summary as one JSON object")
+    p.set_defaults(func=cmd_finetune)
 
     p = sub.add_parser("eval-sql", help="execution accuracy of a model's SQL, run in SQLite")
     p.add_argument("--model", required=True, help=MODEL_HELP)
@@ -32,6 +43,20 @@ def register(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed (default: 0)")
     p.add_argument("--domains", nargs="+", help="databases to draw from (default: all)")
     p.set_defaults(func=cmd_sql_data)
+
+
+def cmd_finetune(args) -> int:
+    from slm.finetune.lora import LoraSettings
+    from slm.finetune.loop import FinetuneConfig, FinetuneTrainConfig, finetune, print_summary
+
+    summary = finetune(from_args(FinetuneConfig, args), from_args(LoraSettings, args),
+                       from_args(FinetuneTrainConfig, args), args.out, resume=args.resume)
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        print_summary(summary)
+        print(summary.get("out", args.out))
+    return 0
 
 
 def cmd_eval_sql(args) -> int:

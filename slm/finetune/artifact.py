@@ -89,28 +89,33 @@ def save_standalone(model: nn.Module, base: Base, directory: Path, metadata: dic
         base.tokenizer.hf.save_pretrained(str(directory))
 
 
+def finetune_config(base: Base, method: str, adapter: str | None, model: str | None, metadata: dict) -> dict:
+    """config.json of a fine-tune artifact; `adapter`/`model` are paths relative to it ("." = beside it)."""
+    return {"format": FORMAT, "format_version": FORMAT_VERSION, "kind": KIND, "slm_version": slm.__version__,
+            "base": base.spec, "base_kind": base.kind, "method": method,
+            "tokenizer": base.tokenizer.identity.to_dict(), "adapter": adapter, "model": model,
+            "metadata": metadata}
+
+
 def write_finetune(out: str | Path, base: Base, method: str, peft_model=None, merge_adapter: bool = False,
                    metadata: dict | None = None) -> dict:
     """Write the adapter (LoRA) and/or the standalone model, then config.json, which names
     only what is complete."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    cfg = {"format": FORMAT, "format_version": FORMAT_VERSION, "kind": KIND, "slm_version": slm.__version__,
-           "base": base.spec, "base_kind": base.kind, "method": method,
-           "tokenizer": base.tokenizer.identity.to_dict(), "adapter": None, "model": None,
-           "metadata": metadata or {}}
+    adapter = model = None
     if peft_model is not None:
         save_adapter(peft_model, out / "adapter")
         if base.kind == "hf":
             base.tokenizer.hf.save_pretrained(str(out / "adapter"))
-        cfg["adapter"] = "adapter"
+        adapter = "adapter"
     if method == "full" or merge_adapter:
-        model = base.model
         if peft_model is not None:
             merge(peft_model)  # in place: base.model now holds the merged weights
-        model.eval()
-        save_standalone(model, base, out / "model", {"created_by": "slm finetune", "base": base.spec})
-        cfg["model"] = "model"
+        base.model.eval()
+        save_standalone(base.model, base, out / "model", {"created_by": "slm finetune", "base": base.spec})
+        model = "model"
+    cfg = finetune_config(base, method, adapter, model, metadata or {})
     write_json(out / "config.json", cfg)
     return cfg
 

@@ -138,6 +138,10 @@ class BatchSampler:
     def batches_per_epoch(self) -> int:
         return len(self._order)
 
+    def __iter__(self):
+        while True:
+            yield self.next()
+
     def next(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self.position >= len(self._order):
             self.epoch, self.position = self.epoch + 1, 0

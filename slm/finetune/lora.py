@@ -73,7 +73,9 @@ def trainable_share(model: nn.Module) -> tuple[int, int]:
 
 
 def save_adapter(peft_model, directory: str | Path) -> Path:
+    """adapter_config.json + adapter_model.safetensors in `directory` (peft's layout)."""
     peft_model.save_pretrained(str(directory))
+    (Path(directory) / "README.md").unlink(missing_ok=True)  # peft's model-card stub
     return Path(directory)
 
 
