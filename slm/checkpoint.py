@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save as safetensors_bytes
+from safetensors.torch import save_file
 
 import slm
 from slm.config import ModelConfig
@@ -48,16 +48,27 @@ class Artifact:
 # ---------------------------------------------------------------------------- writing
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write, fsync, then rename over `path`; readers see the old file or the new one."""
+def atomic_write(path: str | Path, write) -> None:
+    """`write(tmp_path)`, fsync, then rename over `path`; readers see the old file or the new one."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
+    write(tmp)
+    with open(tmp, "rb+") as f:
         os.fsync(f.fileno())
     os.replace(tmp, path)
     fsync_dir(path.parent)
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    atomic_write(path, lambda p: p.write_bytes(data))
+
+
+def sha256_file(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def fsync_dir(path: str | Path) -> None:
@@ -84,11 +95,12 @@ def save_tensors(directory: str | Path, tensors: dict[str, torch.Tensor], config
     The weights go first, so a config.json always describes the weights beside it."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    blob = safetensors_bytes({k: v.detach().contiguous().cpu() for k, v in tensors.items()},
-                             metadata={"format": "pt", "slm_version": slm.__version__})
-    atomic_write_bytes(directory / weights_file, blob)
+    path = directory / weights_file
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    # save_file streams the tensors to disk: no second copy of the weights in memory
+    atomic_write(path, lambda p: save_file(tensors, str(p), metadata={"format": "pt", "slm_version": slm.__version__}))
     config = dict(config)
-    config["weights"] = {"file": weights_file, "bytes": len(blob), "sha256": hashlib.sha256(blob).hexdigest()}
+    config["weights"] = {"file": weights_file, "bytes": path.stat().st_size, "sha256": sha256_file(path)}
     write_json(directory / CONFIG_FILE, config)
     return config
 
@@ -164,11 +176,7 @@ def verify_weights(directory: Path, raw: dict) -> Path:
             f"or was replaced. Re-copy the model directory or re-save the model."
         )
     if "sha256" in info:
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            while chunk := f.read(1 << 24):
-                h.update(chunk)
-        if h.hexdigest() != info["sha256"]:
+        if sha256_file(path) != info["sha256"]:
             raise SlmError(
                 f"weights file {path} does not match the checksum in {CONFIG_FILE}: it was modified "
                 f"or corrupted after saving. Re-copy the model directory or re-save the model."

@@ -32,7 +32,9 @@ ARTIFACT_LOADERS: dict[str, str] = {
 }
 # Functions "module:function(path) -> Path | None" that map a directory which is not itself an
 # artifact (e.g. a training run) to the artifact directory to load.
-DIRECTORY_RESOLVERS: list[str] = []
+DIRECTORY_RESOLVERS: list[str] = [
+    "slm.train.checkpoints:find_model_dir",  # a training run: its best checkpoint, else its latest
+]
 
 
 @dataclass

@@ -22,7 +22,7 @@ from slm import __version__  # noqa: E402
 from slm.errors import SlmError  # noqa: E402
 
 # Modules under slm.cli, in the order their commands appear in `slm --help`.
-COMMANDS = ["core", "data", "finetune"]
+COMMANDS = ["core", "data", "train", "finetune"]
 
 
 def build_parser() -> argparse.ArgumentParser:

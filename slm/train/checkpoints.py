@@ -18,7 +18,6 @@ files, and tensors and JSON for the rest.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -29,9 +28,9 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from safetensors.torch import save as safetensors_bytes
+from safetensors.torch import save_file
 
-from slm.checkpoint import atomic_write_bytes, fsync_dir, read_tensors
+from slm.checkpoint import atomic_write, atomic_write_bytes, fsync_dir, read_tensors, sha256_file
 
 MANIFEST = "manifest.json"
 OPTIMIZER_FILE = "optimizer.safetensors"
@@ -58,14 +57,6 @@ class SaveStats:
     bytes: int
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 24):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def verify(path: Path) -> dict:
     """The checkpoint's trainer state, after checking every file against the manifest."""
     manifest_path = path / MANIFEST
@@ -82,7 +73,7 @@ def verify(path: Path) -> dict:
             raise CorruptCheckpoint(f"{name} is missing")
         if f.stat().st_size != info["bytes"]:
             raise CorruptCheckpoint(f"{name} is {f.stat().st_size} bytes, {info['bytes']} were written")
-        if _sha256(f) != info["sha256"]:
+        if sha256_file(f) != info["sha256"]:
             raise CorruptCheckpoint(f"{name} does not match its checksum")
     try:
         return json.loads((path / STATE_FILE).read_text())
@@ -176,10 +167,9 @@ class CheckpointManager:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         write_model(tmp)
-        blob = safetensors_bytes(optimizer_tensors, metadata={"format": "pt"})
-        atomic_write_bytes(tmp / OPTIMIZER_FILE, blob)
+        atomic_write(tmp / OPTIMIZER_FILE, lambda p: save_file(optimizer_tensors, str(p), metadata={"format": "pt"}))
         atomic_write_bytes(tmp / STATE_FILE, (json.dumps(state, indent=1) + "\n").encode())
-        files = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(tmp.iterdir())}
+        files = {p.name: {"bytes": p.stat().st_size, "sha256": sha256_file(p)} for p in sorted(tmp.iterdir())}
         atomic_write_bytes(tmp / MANIFEST, (json.dumps({"step": step, "files": files}, indent=1) + "\n").encode())
         os.replace(tmp, final)
         fsync_dir(self.run_dir)

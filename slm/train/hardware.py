@@ -12,7 +12,6 @@ import functools
 import time
 from dataclasses import dataclass
 
-import psutil
 import torch
 
 from slm.errors import SlmError
@@ -91,9 +90,10 @@ def cpu_bf16_native() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags or caps.startswith("AMX")
 
 
-def memory_available(device: torch.device) -> int:
-    """Bytes a training process may use: free GPU memory, or available RAM on CPU."""
+def peak_memory(device: torch.device) -> int:
+    """Peak memory of this process so far: resident set on CPU, allocated bytes on a GPU."""
     if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return free
-    return psutil.virtual_memory().available
+        return torch.cuda.max_memory_allocated(device)
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux

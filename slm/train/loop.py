@@ -45,7 +45,7 @@ from slm.train import distributed as D
 from slm.train.checkpoints import CheckpointManager, load_optimizer, optimizer_to_tensors
 from slm.train.config import TrainConfig
 from slm.train.guards import BadStepGuard, SpikeDetector
-from slm.train.hardware import cpu_bf16_native, peak_flops
+from slm.train.hardware import cpu_bf16_native, peak_flops, peak_memory
 from slm.train.metrics import METRICS_FILE, MetricsLog, Progress, Speedometer, format_duration
 from slm.train.optim import lr_at, make_optimizer, set_lr
 
@@ -105,7 +105,7 @@ def evaluate_loss(module: nn.Module, batches: Iterable, max_batches: int | None,
     total = torch.zeros(2, dtype=torch.float64)  # loss sum, targets
     it = iter(batches)
     n = 0
-    with torch.no_grad(), autocast(device, dtype):
+    with torch.no_grad(), autocast(device, dtype), contextlib.closing(_Closer(batches)):
         while max_batches is None or n < max_batches:
             batch = next(it, None)
             if max_targets is not None and batch is not None:
@@ -126,13 +126,28 @@ def evaluate_loss(module: nn.Module, batches: Iterable, max_batches: int | None,
     return (total[0] / total[1]).item() if total[1] > 0 else float("nan"), int(total[1])
 
 
+class _Closer:
+    """Stops a stream's background loader when evaluation is done with it."""
+
+    def __init__(self, batches):
+        self.batches = batches
+
+    def close(self) -> None:
+        if hasattr(self.batches, "close"):
+            self.batches.close()
+
+
 def _trim_targets(batch, budget: int):
-    """Drop whole rows past a target-token budget (None when nothing is left)."""
+    """Mask targets past a token budget (None when nothing is left), so exactly `budget` count."""
     if budget <= 0:
         return None
-    per_row = (batch[-1] != IGNORE_INDEX).sum(dim=1)
-    rows = int((per_row.cumsum(0) <= budget).sum()) or 1
-    return tuple(t[:rows] for t in batch)
+    valid = batch[-1] != IGNORE_INDEX
+    over = valid & (valid.flatten().cumsum(0).view_as(valid) > budget)
+    if not over.any():
+        return batch
+    rows = int(valid.sum(dim=1).cumsum(0).lt(budget).sum()) + 1  # rows holding the budget's tokens
+    targets = batch[-1].masked_fill(over, IGNORE_INDEX)
+    return tuple(t[:rows] for t in (*batch[:-1], targets))
 
 
 def _rng_state(device: torch.device) -> dict:
@@ -169,6 +184,8 @@ class Trainer:
         self.optimizer = make_optimizer(task.module, cfg)
         self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
         main = self.info.is_main
+        if self.run_dir is not None and main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
         self.progress = progress or Progress(cfg.log_every, enabled=main)
         self.progress.enabled = self.progress.enabled and main
         self.ckpt = CheckpointManager(self.run_dir, cfg.keep_last, report=self.progress.message) if self.run_dir else None
@@ -432,7 +449,9 @@ class Trainer:
             raise SlmError(f"{path} was saved by {state['world_size']} processes; resume with the same number "
                            f"(torchrun --nproc_per_node={state['world_size']})")
         self._load_weights_and_optimizer(path)
-        self.step, self.tokens, self.horizon = state["step"], state["tokens"], state["horizon"]
+        self.step, self.tokens = state["step"], state["tokens"]
+        # a resumed run may be given more steps; a time-budgeted one keeps the horizon it estimated
+        self.horizon = self.cfg.max_steps if self.cfg.max_steps is not None else state["horizon"]
         self.lr_scale, self.rollbacks, self.elapsed_before = state["lr_scale"], state["rollbacks"], state["elapsed"]
         self.best_val = state["best_val_loss"]
         if state["val_loss"] is not None:
@@ -499,32 +518,12 @@ class Trainer:
             "nonfinite_skips": self.bad.total,
             "loss_spikes": self.spikes.spikes,
             "rollbacks": self.rollbacks,
+            "peak_memory_bytes": peak_memory(self.device),
             "dtype": "bf16" if self.amp_dtype == torch.bfloat16 else "fp32",
             "device": self.device.type,
             "world_size": self.info.world_size,
         }
         return out
-
-    def describe_summary(self, s: dict) -> str:
-        lines = [f"trained {s['steps']} steps ({s['tokens']:,} tokens) in {format_duration(s['wall_seconds'])}; "
-                 f"{s['tokens_per_s']:,.0f} tok/s" + (f", MFU {100 * s['mfu']:.1f}%" if s["mfu"] is not None else "")]
-        if s["final_val_loss"] is not None:
-            lines.append(f"val loss {s['final_val_loss']:.4f} (perplexity {s['final_val_perplexity']:.2f})"
-                         + (f", test loss {s['test_loss']:.4f} (perplexity {s['test_perplexity']:.2f})"
-                            if s["test_loss"] is not None else ""))
-        if s["checkpoint_saves"]:
-            lines.append(f"checkpoints: {s['checkpoint_saves']} saves, {s['checkpoint_seconds']:.2f} s total "
-                         f"({s['checkpoint_seconds'] / s['checkpoint_saves']:.2f} s and "
-                         f"{s['checkpoint_bytes_per_save'] / 1e6:.1f} MB per save), "
-                         f"{100 * s['checkpoint_share']:.1f}% of wall time")
-        if s["best_checkpoint"] or s["last_checkpoint"]:
-            lines.append(f"best checkpoint {s['best_checkpoint'] or s['last_checkpoint']}")
-        if s["nonfinite_skips"] or s["loss_spikes"]:
-            lines.append(f"stability: {s['nonfinite_skips']} non-finite steps skipped, {s['loss_spikes']} loss spikes, "
-                         f"{s['rollbacks']} rollbacks")
-        if s["stopped"] == "signal":
-            lines.append("stopped by a signal after saving; continue with --resume")
-        return "\n".join(lines)
 
     # ------------------------------------------------------------------------ signals
 
@@ -548,6 +547,32 @@ class Trainer:
     def _restore_signal_handlers(previous) -> None:
         for s, h in (previous or {}).items():
             signal.signal(s, h)
+
+
+def describe_summary(s: dict) -> str:
+    """The run summary for people (the CLI prints it; --json prints the dict)."""
+    lines = [f"trained {s['steps']} steps ({s['tokens']:,} tokens) in {format_duration(s['wall_seconds'])}; "
+             f"{s['tokens_per_s']:,.0f} tok/s" + (f", MFU {100 * s['mfu']:.1f}%" if s["mfu"] is not None else "")]
+    if s["final_val_loss"] is not None:
+        lines.append(f"val loss {s['final_val_loss']:.4f} (perplexity {s['final_val_perplexity']:.2f})"
+                     + (f", test loss {s['test_loss']:.4f} (perplexity {s['test_perplexity']:.2f})"
+                        if s["test_loss"] is not None else ""))
+    if s["checkpoint_saves"]:
+        lines.append(f"checkpoints: {s['checkpoint_saves']} saves, {s['checkpoint_seconds']:.2f} s total "
+                     f"({s['checkpoint_seconds'] / s['checkpoint_saves']:.2f} s and "
+                     f"{s['checkpoint_bytes_per_save'] / 1e6:.1f} MB per save), "
+                     f"{100 * s['checkpoint_share']:.1f}% of wall time")
+    if s.get("planned_memory_bytes"):
+        lines.append(f"memory: planned {s['planned_memory_bytes'] / 2**30:.2f} GiB, measured peak "
+                     f"{s['peak_memory_bytes'] / 2**30:.2f} GiB")
+    if s["best_checkpoint"] or s["last_checkpoint"]:
+        lines.append(f"best checkpoint {s['best_checkpoint'] or s['last_checkpoint']}")
+    if s["nonfinite_skips"] or s["loss_spikes"]:
+        lines.append(f"stability: {s['nonfinite_skips']} non-finite steps skipped, {s['loss_spikes']} loss spikes, "
+                     f"{s['rollbacks']} rollbacks")
+    if s["stopped"] == "signal":
+        lines.append("stopped by a signal after saving; continue with --resume")
+    return "\n".join(lines)
 
 
 def _ppl(loss: float | None) -> float | None:

@@ -64,8 +64,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        grad_h, grad_w = ctx.saved_tensors
-        return grad_h * grad_out, grad_w * grad_out, None, None
+        grad_h, grad_w = ctx.saved_tensors  # used once: scaled in place, no copies of the head's gradient
+        return grad_h.mul_(grad_out), grad_w.mul_(grad_out), None, None
 
 
 def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,140 @@
+"""Training commands: train, plan, eval, sweep, plot."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from slm.cli.args import add_dataclass_args, given
+from slm.cli.core import add_model_shape_args
+from slm.config import ModelConfig
+from slm.data import DataConfig
+from slm.train.config import TrainConfig
+from slm.train.plan import PlanRequest
+
+DATA_HELP = DataConfig.__dataclass_fields__["source"].metadata["help"]
+
+
+def add_train_args(p: argparse.ArgumentParser) -> None:
+    """Every key of a training run: model shape, data, loop (the same keys a --config file holds)."""
+    p.add_argument("--config", metavar="FILE", help="TOML or YAML file with the same keys as these flags "
+                                                    "(flags override it)")
+    add_model_shape_args(p)
+    add_dataclass_args(p, DataConfig, rename={"source": "--data"})
+    add_dataclass_args(p, TrainConfig)
+
+
+def register(sub) -> None:
+    p = sub.add_parser("train", help="train a GPT on a data source (resumable; torchrun for several processes)")
+    p.add_argument("--out", required=True, help="run directory: checkpoints, metrics.jsonl, config, summary")
+    add_train_args(p)
+    p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in --out")
+    p.add_argument("--json", action="store_true", help="print the run summary as one JSON object")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("plan", help="memory per device, fits or not, FLOPs per token, time and cost for N tokens")
+    add_model_shape_args(p)
+    add_dataclass_args(p, PlanRequest, exclude=("model",))
+    p.add_argument("--json", action="store_true", help="print the plan as one JSON object")
+    p.set_defaults(func=cmd_plan)
+
+    p = sub.add_parser("eval", help="loss and perplexity of a model on a split of a data source")
+    p.add_argument("--model", required=True, help="model directory, training run (its best checkpoint), "
+                                                  "checkpoint directory, or Hugging Face model")
+    add_dataclass_args(p, DataConfig, rename={"source": "--data"})
+    p.add_argument("--split", choices=["val", "test", "train"], default="val", help="(default: val)")
+    p.add_argument("--max-tokens", type=int, help="evaluate at most this many tokens (default: the whole split)")
+    p.add_argument("--batch-size", type=int, default=8, help="sequences per batch (default: 8)")
+    p.add_argument("--block-size", type=int, help="tokens per sequence (default: the model's context)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto)")
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="autocast dtype (default: fp32)")
+    p.add_argument("--json", action="store_true", help='print {"loss", "perplexity", "tokens", ...}')
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("sweep", help="train every combination of a grid of settings; table sorted by val loss")
+    p.add_argument("--out", required=True, help="directory for the runs, sweep.md and sweep.json")
+    p.add_argument("--grid", nargs="+", required=True, metavar="KEY=V1,V2",
+                   help="settings to vary, e.g. lr=3e-4,6e-4 batch_size=4,8 (any key slm train takes)")
+    add_train_args(p)
+    p.add_argument("--json", action="store_true", help="print the results as one JSON object")
+    p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser("plot", help="loss curves of a training run (train and val vs tokens) as a PNG")
+    p.add_argument("run", metavar="DIR", help="training run directory")
+    p.add_argument("--out", help="PNG path (default: DIR/loss.png)")
+    p.set_defaults(func=cmd_plot)
+
+
+def layered_config(args, resume_dir=None) -> dict:
+    """Defaults < the run's saved config (on --resume) < --config file < flags."""
+    from slm.train.config import load_run_config, merge, read_config_file
+
+    layers = []
+    if resume_dir is not None:
+        layers.append(load_run_config(resume_dir))
+    if args.config:
+        layers.append(read_config_file(args.config))
+    layers.append({"preset": args.preset, "model": given(args, ModelConfig), "data": given(args, DataConfig),
+                   "train": given(args, TrainConfig)})
+    return merge(*layers)
+
+
+def _is_main() -> bool:
+    return os.environ.get("RANK", "0") == "0"
+
+
+def cmd_train(args) -> int:
+    from slm.train.config import build_run_config
+    from slm.train.loop import describe_summary
+    from slm.train.pretrain import train
+
+    run = build_run_config(layered_config(args, args.out if args.resume else None))
+    summary = train(run, args.out, resume=args.resume)
+    if _is_main():
+        print(json.dumps(summary) if args.json else describe_summary(summary))
+    return 0
+
+
+def cmd_plan(args) -> int:
+    from slm.cli.core import model_config_from_args
+    from slm.train.plan import format_plan, make_plan
+
+    req = PlanRequest(model=model_config_from_args(args), **given(args, PlanRequest))
+    if req.device == "cpu":
+        print("measuring this CPU ...", file=sys.stderr)
+    plan = make_plan(req)
+    print(json.dumps(plan) if args.json else format_plan(plan))
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from slm.train.evaluation import evaluate_model
+
+    data = DataConfig(**given(args, DataConfig))
+    r = evaluate_model(args.model, data, split=args.split, max_tokens=args.max_tokens, batch_size=args.batch_size,
+                       block_size=args.block_size, device=args.device, dtype=args.dtype)
+    if args.json:
+        print(json.dumps(r))
+    else:
+        print(f"{r['model']} on {r['split']} of {r['source']}: loss {r['loss']:.4f}, perplexity "
+              f"{r['perplexity']:.2f} ({r['tokens']:,} tokens)")
+    return 0
+
+
+def cmd_sweep(args) -> int:
+    from slm.train.sweep import format_table, parse_grid, run_sweep
+
+    grid = parse_grid(args.grid)
+    result = run_sweep(layered_config(args), grid, args.out, report=lambda m: print(m, file=sys.stderr))
+    if _is_main():
+        print(json.dumps(result) if args.json else format_table(result))
+    return 0
+
+
+def cmd_plot(args) -> int:
+    from slm.train.plot import plot_run
+
+    print(f"wrote {plot_run(args.run, args.out)}")
+    return 0

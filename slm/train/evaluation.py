@@ -1,0 +1,70 @@
+"""`slm eval`: a model's loss and perplexity on a split of a data source.
+
+Any `--model` spec works (an slm model directory, a training run or a checkpoint inside one, a
+Hugging Face model), as long as it reads GPT-2 tokens, which is what the data stream produces.
+slm's GPTs are evaluated in the training layout with the chunked loss; other models through
+their own forward pass.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from slm.data import DataConfig, TokenStream, check_source
+from slm.errors import SlmError
+from slm.runtime import resolve_device, resolve_dtype
+from slm.tokenizer import get_tokenizer
+from slm.train.loop import evaluate_loss
+from slm.train.losses import CausalLMLoss
+
+
+class _ForwardLoss(nn.Module):
+    """`model(x, y) -> loss` for models with the GPT call interface returning (logits, loss)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x, y):
+        return self.model(x, y)[1]
+
+
+def load_for_eval(spec: str, device: torch.device) -> tuple[nn.Module, int, str]:
+    """(module computing the loss, context length, resolved path) for a --model spec."""
+    from slm.checkpoint import load_model
+    from slm.loading import _slm_kind, open_model, resolve_artifact_dir
+
+    path = Path(spec)
+    if path.is_dir():
+        path = resolve_artifact_dir(path)
+        if _slm_kind(path) == "gpt":
+            model, _ = load_model(path, device=device)
+            return CausalLMLoss(model), model.config.block_size, str(path)
+    loaded = open_model(spec, device=device)
+    if loaded.tokenizer.identity != get_tokenizer().identity:
+        raise SlmError(f"{spec} uses the tokenizer {loaded.tokenizer.identity.name!r}; slm's data streams are "
+                       f"GPT-2 tokens, so its loss on them would mean nothing")
+    return _ForwardLoss(loaded.model), loaded.model.config.block_size, loaded.path
+
+
+def evaluate_model(spec: str, data: DataConfig, split: str = "val", max_tokens: int | None = None,
+                   batch_size: int = 8, block_size: int | None = None, device: str = "auto",
+                   dtype: str = "fp32") -> dict:
+    if split not in ("train", "val", "test"):
+        raise SlmError(f"split must be train, val or test, got {split!r}")
+    if max_tokens is not None and max_tokens < 1:
+        raise SlmError(f"max_tokens must be positive, got {max_tokens}")
+    dev = resolve_device(device)
+    check_source(data, split=split)
+    module, context, path = load_for_eval(spec, dev)
+    T = min(block_size or context, context)
+    stream = TokenStream(data, split=split, block_size=T, batch_size=batch_size, loop=False, seed=0)
+    loss, n = evaluate_loss(module, stream, None, dev, resolve_dtype(dtype), max_targets=max_tokens)
+    if n == 0:
+        raise SlmError(f"the {split} split of {data.source} has fewer than {T + 1} tokens; nothing to evaluate")
+    return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "tokens": n, "model": path, "split": split,
+            "source": data.source, "block_size": T}
