@@ -70,7 +70,7 @@ def scores(r: dict) -> dict:
 
 def training(s: dict) -> dict:
     keys = ("steps", "tokens", "wall_seconds", "tokens_per_s", "trainable_params", "total_params", "trainable_share",
-            "peak_rss_mb", "final_val_loss", "test_loss", "examples")
+            "peak_memory_bytes", "final_val_loss", "test_loss", "examples")
     return {k: s.get(k) for k in keys}
 
 

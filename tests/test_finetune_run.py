@@ -130,3 +130,14 @@ def test_refusals(tmp_path, gpt_dir, sql_data):
         run_finetune(gpt_dir, sql_data, tmp_path / "x", 3, epochs=1.0)
     with pytest.raises(SlmError, match="--data"):
         finetune(FinetuneConfig(base=str(gpt_dir)), LoraSettings(), FinetuneTrainConfig(max_steps=1), tmp_path / "y")
+
+
+def test_chat_data_and_epochs(tmp_path, gpt_dir):
+    """Non-SQL layouts train the same way; --epochs becomes whole passes over the kept examples."""
+    rows = [{"messages": [{"role": "user", "content": f"Echo {i}"}, {"role": "assistant", "content": f"{i}"}]}
+            for i in range(40)]
+    data = tmp_path / "chat.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    s = run_finetune(gpt_dir, data, tmp_path / "ft", None, epochs=1.0, holdout_fraction=0.1)
+    # 36 training examples (4 held out), batches of 2, 2 micro-batches per step: 9 steps.
+    assert s["examples"]["kept"] == 36 and s["steps"] == 9

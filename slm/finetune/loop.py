@@ -16,9 +16,9 @@ resume, metrics.jsonl, progress) is the trainer's, exactly as `slm train` uses i
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
-import resource
 import sys
 import time
 from dataclasses import dataclass, field
@@ -37,6 +37,7 @@ from slm.model import GPT
 from slm.train.config import TrainConfig
 from slm.train.losses import linear_cross_entropy
 from slm.train.loop import Trainer, TrainTask
+from slm.train.pretrain import RunLock, has_run
 
 SUMMARY_FILE = "finetune_summary.json"
 
@@ -126,11 +127,6 @@ def _pad_id(tokenizer) -> int:
     return pad if pad is not None else tokenizer.eot_id
 
 
-def _has_run(out: Path) -> bool:
-    return out.is_dir() and any(p.name == "metrics.jsonl" or p.name.startswith("step-") or p.name == "config.json"
-                                for p in out.iterdir())
-
-
 def make_task(base: Base, method: str, peft_model, train: BatchSampler, val: list[Encoded], test: list[Encoded],
               batch_size: int) -> TrainTask:
     module = CompletionLoss(base.model)
@@ -176,7 +172,7 @@ def finetune(fcfg: FinetuneConfig, lcfg: LoraSettings, tcfg: FinetuneTrainConfig
         raise SlmError("give --max-steps or --epochs, not both")
     if fcfg.epochs is None and tcfg.max_steps is None and tcfg.max_minutes is None:
         raise SlmError("say how long to train: --max-steps N, --epochs E or --max-minutes M")
-    if not resume and _has_run(out):
+    if not resume and (has_run(out) or (out / "config.json").exists()):
         raise SlmError(f"{out} already holds a fine-tune; pass --resume to continue it, or choose another --out")
     info = D.setup(tcfg.device)
     try:
@@ -211,25 +207,25 @@ def finetune(fcfg: FinetuneConfig, lcfg: LoraSettings, tcfg: FinetuneTrainConfig
         meta = {"created_by": "slm finetune", "base": base.spec, "method": fcfg.method}
         if info.is_main:
             out.mkdir(parents=True, exist_ok=True)
-        trainer = Trainer(task, tcfg, out, info, progress, metadata=meta)
-        if resume:
-            trainer.resume()
-        summary = trainer.fit()
-        if summary["stopped"] == "signal" or not info.is_main:
-            return summary
-        settings = {"finetune": _jsonable(fcfg), "lora": _jsonable(lcfg) if peft_model else None,
-                    "train": _jsonable(tcfg)}
-        summary.update({
-            "out": str(out), "base": base.spec, "method": fcfg.method,
-            "trainable_params": trainable, "total_params": total, "trainable_share": round(trainable / total, 5),
-            "data": {"source": fcfg.data, "format": fmt, **load_stats.summary()}, "examples": enc_stats.summary(),
-            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-            "total_seconds": round(time.perf_counter() - t0, 1),
-        })
-        write_finetune(out, base, fcfg.method, peft_model, fcfg.merge, {**meta, "settings": settings,
-                                                                         "results": _results(summary)})
-        write_json(out / SUMMARY_FILE, summary)
-        say(f"wrote {out}" + (" (adapter + merged model)" if fcfg.merge and peft_model else ""))
+        with RunLock(out) if info.is_main else contextlib.nullcontext():
+            trainer = Trainer(task, tcfg, out, info, progress, metadata=meta)
+            if resume:
+                trainer.resume()
+            summary = trainer.fit()
+            if summary["stopped"] == "signal" or not info.is_main:
+                return summary
+            settings = {"finetune": _jsonable(fcfg), "lora": _jsonable(lcfg) if peft_model else None,
+                        "train": _jsonable(tcfg)}
+            summary.update({
+                "out": str(out), "base": base.spec, "method": fcfg.method,
+                "trainable_params": trainable, "total_params": total, "trainable_share": round(trainable / total, 5),
+                "data": {"source": fcfg.data, "format": fmt, **load_stats.summary()}, "examples": enc_stats.summary(),
+                "total_seconds": round(time.perf_counter() - t0, 1),
+            })
+            write_finetune(out, base, fcfg.method, peft_model, fcfg.merge, {**meta, "settings": settings,
+                                                                             "results": _results(summary)})
+            write_json(out / SUMMARY_FILE, summary)
+            say(f"wrote {out}" + (" (adapter + merged model)" if fcfg.merge and peft_model else ""))
         return summary
     finally:
         D.teardown()
@@ -247,12 +243,9 @@ def _results(summary: dict) -> dict:
 
 
 def print_summary(summary: dict) -> None:
-    from slm.train.metrics import format_duration
+    from slm.train.loop import describe_summary
 
-    print(f"fine-tuned {summary['base']} ({summary['method']}) for {summary['steps']} steps, "
-          f"{summary['tokens']:,} tokens in {format_duration(summary['wall_seconds'])} "
-          f"({summary['tokens_per_s']:,.0f} tok/s); {100 * summary['trainable_share']:.2f}% of parameters trained",
-          file=sys.stderr)
-    if summary.get("final_val_loss") is not None:
-        print(f"held-out loss {summary['final_val_loss']:.4f} (val), {summary['test_loss']:.4f} (test)",
-              file=sys.stderr)
+    print(f"fine-tuned {summary['base']} ({summary['method']}; {100 * summary['trainable_share']:.2f}% of "
+          f"parameters trained; {summary['examples']['kept']} examples, {summary['examples']['dropped']} dropped "
+          f"as too long)", file=sys.stderr)
+    print(describe_summary(summary), file=sys.stderr)
