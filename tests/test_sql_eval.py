@@ -39,8 +39,11 @@ def test_comparison_order_only_when_gold_orders():
 
 
 def test_literals_of_the_gold_query():
-    strings, numbers = gold_literals("SELECT x FROM t WHERE a = 'It''s' AND b LIKE '%Bike%' AND T1.c > 10 AND d = '2'")
-    assert strings == ["It's", "Bike", "2"] and numbers == [10.0, 2.0]
+    lit = gold_literals("SELECT x FROM t WHERE a = 'It''s' AND b LIKE '%Bike_%' AND T1.c > 10 AND T1.`d e` = 'x_y' "
+                        "AND f IN ('p', 3) AND g BETWEEN 1 AND 2")
+    assert lit.strings == ["It's", "Bikeb", "x_y", "p"] and lit.numbers == [10.0, 3.0, 1.0, 2.0]
+    assert lit.by_column == {"a": ["It's"], "b": ["Bikeb"], "c": [10.0, 9.0, 11.0], "d e": ["x_y"], "f": ["p", 3.0],
+                             "g": [1.0, 2.0]}
 
 
 def test_test_suite_for_schema_only_contexts():

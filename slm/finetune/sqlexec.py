@@ -142,22 +142,63 @@ def _kind(decl: str, name: str) -> str:
     return "text"
 
 
-def gold_literals(sql: str) -> tuple[list[str], list[float]]:
-    """String and number literals of a query. LIKE patterns become matching strings
-    ('%Bike%' -> 'Bike', 'A_c' -> 'Abc'); numeric strings count as numbers too."""
-    strings, numbers = [], []
-    for m in re.finditer(_STRING, sql):
-        s = m.group(0)[1:-1].replace("''", "'")
-        strings.append(s.replace("%", "").replace("_", "b") if ("%" in s or "_" in s) else s)
-    for m in re.finditer(r"(?<![\w.])(\d+(?:\.\d+)?)(?![\w.])", _unquoted(sql)):
-        numbers.append(float(m.group(1)))
-    for s in strings:
+_IDENT = r"""(?:\w+\.)?(`[^`]+`|"[^"]+"|\[[^\]]+\]|\w+)"""
+_VALUE = rf"({_STRING}|-?\d+(?:\.\d+)?)"
+_COMPARE = re.compile(rf"{_IDENT}\s*(=|==|!=|<>|<=|>=|<|>|\bNOT\s+LIKE\b|\bLIKE\b)\s*{_VALUE}", re.I)
+_IN_LIST = re.compile(rf"{_IDENT}\s+(?:NOT\s+)?IN\s*\(([^()]*)\)", re.I)
+_BETWEEN = re.compile(rf"{_IDENT}\s+BETWEEN\s+{_VALUE}\s+AND\s+{_VALUE}", re.I)
+
+
+@dataclass
+class Literals:
+    """What a gold query compares against: all its literals, and those tied to a column name."""
+
+    strings: list[str]
+    numbers: list[float]
+    by_column: dict[str, list]  # lowercased column name -> values compared with it
+
+
+def _literal(tok: str, like: bool = False):
+    if tok.startswith("'"):
+        s = tok[1:-1].replace("''", "'")
+        return s.replace("%", "").replace("_", "b") if like else s  # a string the LIKE pattern matches
+    return float(tok)
+
+
+def gold_literals(sql: str) -> Literals:
+    """The literals of a query, for seeding rows its conditions select: LIKE patterns become
+    matching strings ('%Bike%' -> 'Bike'); numbers compared with < or > bring their neighbours,
+    so both sides of the boundary exist; numeric strings count as numbers too."""
+    by_column: dict[str, list] = {}
+    likes = set()
+
+    def tie(col: str, value) -> None:
+        by_column.setdefault(col.strip('`"[]').lower(), []).append(value)
+
+    for m in _COMPARE.finditer(sql):
+        like = "LIKE" in m.group(2).upper()
+        v = _literal(m.group(3), like)
+        if like:
+            likes.add(m.group(3))
+        tie(m.group(1), v)
+        if isinstance(v, float) and m.group(2) in ("<", ">", "<=", ">="):
+            tie(m.group(1), v - 1)
+            tie(m.group(1), v + 1)
+    for m in _IN_LIST.finditer(sql):
+        for tok in re.findall(rf"{_STRING}|-?\d+(?:\.\d+)?", m.group(2)):
+            tie(m.group(1), _literal(tok))
+    for m in _BETWEEN.finditer(sql):
+        for tok in m.group(2, 3):
+            tie(m.group(1), _literal(tok))
+    strings = [_literal(t, like=t in likes) for t in re.findall(_STRING, sql)]
+    numbers = [float(t) for t in re.findall(r"(?<![\w.])(\d+(?:\.\d+)?)(?![\w.])", _unquoted(sql))]
+    for v in strings:
         try:
-            numbers.append(float(s))
+            numbers.append(float(v))
         except ValueError:
             pass
     dedup = lambda xs: list(dict.fromkeys(xs))  # noqa: E731 (keeps first-seen order)
-    return dedup(strings), dedup(numbers)
+    return Literals(dedup(strings), dedup(numbers), {k: dedup(v) for k, v in by_column.items()})
 
 
 def _columns(conn: sqlite3.Connection, table: str) -> list[Column]:
@@ -170,12 +211,13 @@ def _columns(conn: sqlite3.Connection, table: str) -> list[Column]:
 def fill_synthetic(conn: sqlite3.Connection, gold_sql: str, seed: int, min_rows: int = 6, max_rows: int = 16) -> None:
     """Insert seeded rows into every (empty) table of `conn`."""
     rng = random.Random(seed)
-    strings, numbers = gold_literals(gold_sql)
-    dates = [s for s in strings if re.match(r"\d{4}(-\d\d)?", s)]
+    lit = gold_literals(gold_sql)
+    years = [int(n) for n in lit.numbers if n == int(n) and 1900 <= n <= 2100]
+    dates = [s for s in lit.strings if re.match(r"\d{4}(-\d\d)?", s)] + [f"{y}-01-15" for y in years]
     # Small shared pools: the same key values and words appear in every table, so joins and
     # comparisons across tables find partners, as they do in real data.
-    words = strings + [f"w{rng.randint(0, 99)}" for _ in range(max(3, 6 - len(strings)))]
-    ints = [int(n) for n in numbers if n == int(n) and abs(n) < 2**62]
+    words = lit.strings + [f"w{rng.randint(0, 99)}" for _ in range(max(3, 6 - len(lit.strings)))]
+    ints = [int(n) for n in lit.numbers if n == int(n) and abs(n) < 2**62]
     for table in tables(conn):
         cols = _columns(conn, table)
         if not cols:
@@ -186,20 +228,33 @@ def fill_synthetic(conn: sqlite3.Connection, gold_sql: str, seed: int, min_rows:
         for i in range(n):
             row = []
             for c in cols:
+                tied = lit.by_column.get(c.name.lower())
                 if c.pk and single_pk and c.kind == "int":
                     v = i + 1  # keys 1..n, the range every other int column draws from
                 elif c.pk and single_pk:
                     v = words[i] if i < len(words) else f"k{i}"
                 elif not c.notnull and not c.pk and rng.random() < 0.05:
                     v = None
+                elif tied and rng.random() < 0.5:  # a value the gold query compares this column with
+                    v = _as_kind(rng.choice(tied), c.kind)
                 else:
-                    v = _value(c.kind, rng, words, ints, numbers, dates, max_rows)
+                    v = _value(c.kind, rng, words, ints, lit.numbers, dates, max_rows)
                 row.append(v)
             rows.append(row)
         names = ", ".join(quote_name(c.name) for c in cols)
         marks = ", ".join("?" * len(cols))
         conn.executemany(f"INSERT OR IGNORE INTO {quote_name(table)} ({names}) VALUES ({marks})", rows)
     conn.commit()
+
+
+def _as_kind(v, kind: str):
+    """A number compared with a column, stored as that column holds values."""
+    if not isinstance(v, float) or kind == "real":
+        return v
+    whole = v == int(v)
+    if kind == "int":
+        return int(v) if whole else v
+    return str(int(v)) if whole else str(v)
 
 
 def _value(kind, rng, words, ints, numbers, dates, max_rows):
