@@ -15,6 +15,8 @@ B @ A * alpha / r into each base weight, giving a plain model with the same outp
 
 from __future__ import annotations
 
+import contextlib
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -43,6 +45,16 @@ class LoraSettings:
             raise SlmError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
 
 
+@contextlib.contextmanager
+def quiet_peft():
+    """Hide two harmless notices: transformers' deprecation of a call peft makes, and peft not
+    finding a base config.json to check the vocabulary against (slm records the tokenizer)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
+        warnings.filterwarnings("ignore", message="Could not find a config file")
+        yield
+
+
 def inner_module(model: nn.Module) -> nn.Module:
     """What peft wraps: the transformers model inside `HFCausalLM`, or the GPT itself."""
     return model if isinstance(model, GPT) else model.hf
@@ -55,7 +67,8 @@ def apply_lora(model: nn.Module, s: LoraSettings):
     targets = s.lora_targets or (GPT_TARGETS if isinstance(model, GPT) else HF_TARGETS)
     cfg = LoraConfig(r=s.lora_r, lora_alpha=s.lora_alpha, lora_dropout=s.lora_dropout, target_modules=targets)
     try:
-        return get_peft_model(inner_module(model), cfg)
+        with quiet_peft():
+            return get_peft_model(inner_module(model), cfg)
     except ValueError as e:  # e.g. target names that match no module
         raise SlmError(f"cannot add LoRA layers: {str(e).splitlines()[0]}") from None
 
@@ -74,7 +87,8 @@ def trainable_share(model: nn.Module) -> tuple[int, int]:
 
 def save_adapter(peft_model, directory: str | Path) -> Path:
     """adapter_config.json + adapter_model.safetensors in `directory` (peft's layout)."""
-    peft_model.save_pretrained(str(directory))
+    with quiet_peft():
+        peft_model.save_pretrained(str(directory))
     (Path(directory) / "README.md").unlink(missing_ok=True)  # peft's model-card stub
     return Path(directory)
 
@@ -84,11 +98,13 @@ def load_adapter(model: nn.Module, directory: str | Path, trainable: bool = Fals
     from peft import PeftModel
 
     try:
-        return PeftModel.from_pretrained(inner_module(model), str(directory), is_trainable=trainable)
+        with quiet_peft():
+            return PeftModel.from_pretrained(inner_module(model), str(directory), is_trainable=trainable)
     except (ValueError, KeyError, OSError) as e:
         raise SlmError(f"cannot load the LoRA adapter in {directory}: {str(e).splitlines()[0]}") from None
 
 
 def merge(peft_model) -> nn.Module:
     """Fold the adapter into the base weights; returns the plain inner model."""
-    return peft_model.merge_and_unload()
+    with quiet_peft():
+        return peft_model.merge_and_unload()
