@@ -12,8 +12,8 @@ from slm.config import ModelConfig
 from slm.errors import SlmError
 from slm.finetune.artifact import load_base
 from slm.finetune.encode import IGNORE
-from slm.finetune.lora import LoraSettings
-from slm.finetune.loop import CompletionLoss, FinetuneConfig, FinetuneTrainConfig, finetune
+from slm.finetune.config import FinetuneConfig, FinetuneTrainConfig, LoraSettings
+from slm.finetune.loop import CompletionLoss, finetune
 from slm.finetune.synthetic import generate_examples, write_jsonl
 from slm.loading import open_model
 from slm.model import GPT

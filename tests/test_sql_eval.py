@@ -6,7 +6,8 @@ import sqlite3
 import pytest
 
 from slm.finetune.data import load_examples
-from slm.finetune.sqleval import EvalSqlConfig, evaluate, extract_sql, model_replier, normalize_sql
+from slm.finetune.config import EvalSqlConfig
+from slm.finetune.sqleval import evaluate, extract_sql, model_replier, normalize_sql
 from slm.finetune.sqlexec import (ContextError, Limits, Result, build_database, fill_synthetic, gold_literals, judge,
                                   orders_rows, prepare_suite, run_query, same_result)
 from slm.finetune.synthetic import SCHEMAS, TEMPLATES, generate_examples

@@ -13,9 +13,7 @@ MODEL_HELP = ("model directory (slm, fine-tune output, training run, Hugging Fac
 
 
 def register(sub) -> None:
-    from slm.finetune.lora import LoraSettings
-    from slm.finetune.loop import FinetuneConfig, FinetuneTrainConfig
-    from slm.finetune.sqleval import EvalSqlConfig
+    from slm.finetune.config import EvalSqlConfig, FinetuneConfig, FinetuneTrainConfig, LoraSettings
 
     p = sub.add_parser("finetune", help="fine-tune a model on examples (LoRA or full), with slm's training loop")
     add_dataclass_args(p, FinetuneConfig)
@@ -46,8 +44,8 @@ def register(sub) -> None:
 
 
 def cmd_finetune(args) -> int:
-    from slm.finetune.lora import LoraSettings
-    from slm.finetune.loop import FinetuneConfig, FinetuneTrainConfig, finetune, print_summary
+    from slm.finetune.config import FinetuneConfig, FinetuneTrainConfig, LoraSettings
+    from slm.finetune.loop import finetune, print_summary
 
     summary = finetune(from_args(FinetuneConfig, args), from_args(LoraSettings, args),
                        from_args(FinetuneTrainConfig, args), args.out, resume=args.resume)
@@ -61,7 +59,8 @@ def cmd_finetune(args) -> int:
 
 def cmd_eval_sql(args) -> int:
     from slm.finetune.data import load_examples
-    from slm.finetune.sqleval import EvalSqlConfig, evaluate, model_replier
+    from slm.finetune.config import EvalSqlConfig
+    from slm.finetune.sqleval import evaluate, model_replier
     from slm.loading import open_model
     from slm.runtime import resolve_device
 

@@ -21,7 +21,6 @@ import json
 import math
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -30,58 +29,16 @@ import torch.nn as nn
 from slm.checkpoint import read_tensors, write_json
 from slm.errors import SlmError
 from slm.finetune.artifact import Base, finetune_config, load_base, save_standalone, write_finetune
-from slm.finetune.data import FORMATS, load_examples, split_holdout
-from slm.finetune.encode import IGNORE, TRUNCATION, BatchSampler, Encoded, collate, encode_all
-from slm.finetune.lora import LoraSettings, apply_lora, inner_module, save_adapter, trainable_share
+from slm.finetune.config import FinetuneConfig, FinetuneTrainConfig, LoraSettings
+from slm.finetune.data import load_examples, split_holdout
+from slm.finetune.encode import IGNORE, BatchSampler, Encoded, collate, encode_all
+from slm.finetune.lora import apply_lora, inner_module, save_adapter, trainable_share
 from slm.model import GPT
-from slm.train.config import TrainConfig
 from slm.train.losses import linear_cross_entropy
 from slm.train.loop import Trainer, TrainTask
 from slm.train.pretrain import RunLock, has_run
 
 SUMMARY_FILE = "finetune_summary.json"
-
-
-@dataclass
-class FinetuneConfig:
-    base: str = field(default="smollm2-135m-instruct", metadata={
-        "help": "model to fine-tune: slm model or run directory, Hugging Face directory or hub id, .gguf file, alias"})
-    data: str | None = field(default=None, metadata={
-        "help": "training examples: .jsonl, .json, .parquet or hf:DATASET[:SPLIT]"})
-    val_data: str | None = field(default=None, metadata={
-        "help": "held-out examples (default: carved off --data deterministically)"})
-    format: str | None = field(default=None, metadata={
-        "help": "data layout (default: detected from the columns)", "choices": list(FORMATS)})
-    method: str = field(default="lora", metadata={"help": "lora (adapter) or full (every weight)",
-                                                  "choices": ["lora", "full"]})
-    max_seq_len: int = field(default=768, metadata={"help": "tokens per example, prompt + completion"})
-    truncation: str = field(default="drop", metadata={
-        "help": "longer examples: drop them, or cut the prompt's start (left)", "choices": list(TRUNCATION)})
-    epochs: float | None = field(default=None, metadata={"help": "train this many passes (instead of --max-steps)"})
-    holdout_fraction: float = field(default=0.05, metadata={"help": "share of --data held out when no --val-data"})
-    holdout_max: int = field(default=64, metadata={"help": "held-out examples at most"})
-    limit: int | None = field(default=None, metadata={"help": "read at most N examples of --data"})
-    merge: bool = field(default=False, metadata={"help": "also write OUT/model: the base with the adapter merged in"})
-
-    def __post_init__(self):
-        if self.max_seq_len < 8:
-            raise SlmError(f"max_seq_len must be at least 8, got {self.max_seq_len}")
-        if self.epochs is not None and self.epochs <= 0:
-            raise SlmError(f"epochs must be positive, got {self.epochs}")
-
-
-@dataclass
-class FinetuneTrainConfig(TrainConfig):
-    """The training loop's options with fine-tuning defaults: a small LoRA on CPU for minutes."""
-
-    batch_size: int = field(default=3, metadata={"help": "sequences per micro-batch per device"})
-    grad_accum: int = field(default=2, metadata={"help": "micro-batches per optimizer step"})
-    lr: float = field(default=1e-3, metadata={"help": "peak learning rate"})
-    weight_decay: float = field(default=0.0, metadata={"help": "AdamW decay on matrices and embeddings"})
-    eval_every: int = field(default=50, metadata={"help": "validate every N steps (0 = only at the end)"})
-    ckpt_minutes: float | None = field(default=10.0, metadata={"help": "checkpoint every M minutes"})
-    keep_last: int = field(default=2, metadata={"help": "checkpoints kept besides the best by validation loss"})
-    seed: int = field(default=0, metadata={"help": "seed for LoRA initialization, data order and dropout"})
 
 
 class CompletionLoss(nn.Module):
