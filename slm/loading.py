@@ -30,6 +30,7 @@ ARTIFACT_LOADERS: dict[str, str] = {
     "gpt": "slm.loading:load_slm_gpt",
     "gpt-quantized": "slm.quant.artifact:load_gpt_quantized",
     "hf-quantized": "slm.quant.artifact:load_hf_quantized",
+    "finetune": "slm.finetune.artifact:load_finetuned",
 }
 # Functions "module:function(path) -> Path | None" that map a directory which is not itself an
 # artifact (e.g. a training run) to the artifact directory to load.
