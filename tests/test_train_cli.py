@@ -166,3 +166,16 @@ def test_toml_example_in_readme_parses():
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     block = readme.split("```toml\n", 1)[1].split("```", 1)[0]
     assert tomllib.loads(block)["lr"] > 0
+
+
+def test_a_split_too_small_for_one_batch_is_reported_not_a_nan(tmp_path, data_dir, capsys):
+    args = ["--data", data_dir, "--val-percent", "0.1", "--test-percent", "20", *SHAPE, "--batch-size", "2",
+            "--eval-batches", "2", "--dtype", "fp32", "--max-steps", "3", "--eval-every", "1", "--json"]
+    code, out, err = run(capsys, "train", *args, "--out", tmp_path / "run")
+    assert code == 0, err
+    s = json.loads(out)
+    assert s["final_val_loss"] is None and s["test_loss"] is not None
+    assert err.count("the val split gave no full batch") == 1
+    recs = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert not any("val_loss" in r for r in recs)
+    assert [r["split"] for r in recs if r.get("event") == "no_eval_data"] == ["val"]

@@ -10,7 +10,7 @@ from slm.cli.args import add_dataclass_args, from_args
 
 
 def register(sub) -> None:
-    from slm.serve.app import ServeConfig
+    from slm.serve.config import ServeConfig
 
     p = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API")
     p.add_argument("--model", required=True,
@@ -35,7 +35,8 @@ def _is_loopback(host: str) -> bool:
 def cmd_serve(args) -> int:
     from slm.loading import open_model
     from slm.runtime import resolve_device
-    from slm.serve.app import ServeConfig, run
+    from slm.serve.app import run
+    from slm.serve.config import ServeConfig
 
     base = {"api_key": os.environ["SLM_API_KEY"]} if os.environ.get("SLM_API_KEY") else {}
     cfg = from_args(ServeConfig, args, base)

@@ -217,6 +217,7 @@ class Trainer:
         self._signal: str | None = None
         self._it = None
         self._data_pass: int | None = None
+        self._warned_empty: set[str] = set()
         self._t0 = time.monotonic()
         self._last_ckpt_time = self._t0
 
@@ -311,9 +312,12 @@ class Trainer:
             self.save_checkpoint()
             if self.stop_reason != "signal" and self.task.eval_batches is not None:
                 loss, n = self.evaluate("test")
-                self.test = (loss, n)
-                self._log({"test_loss": loss, "test_perplexity": _ppl(loss), "test_tokens": n})
-                self.progress.message(f"test loss {loss:.4f}, perplexity {_ppl(loss):.2f} ({n:,} tokens)")
+                if not n:
+                    self._no_eval_data("test")
+                else:
+                    self.test = (loss, n)
+                    self._log({"test_loss": loss, "test_perplexity": _ppl(loss), "test_tokens": n})
+                    self.progress.message(f"test loss {loss:.4f}, perplexity {_ppl(loss):.2f} ({n:,} tokens)")
         finally:
             self.progress.close()
             self._restore_signal_handlers(handlers)
@@ -405,11 +409,24 @@ class Trainer:
         if self.task.eval_batches is None:
             return
         loss, n = self.evaluate("val")
+        if not n:
+            self._no_eval_data("val")
+            return
         self.last_val, self.val_step = loss, self.step
         if math.isfinite(loss) and (self.best_val is None or loss < self.best_val):
             self.best_val = loss
         self._log({"val_loss": loss, "val_perplexity": _ppl(loss), "val_tokens": n})
         self.progress.message(f"step {self.step}: val loss {loss:.4f}, perplexity {_ppl(loss):.2f}")
+
+    def _no_eval_data(self, split: str) -> None:
+        """A split too small for one batch: say so once, instead of a NaN loss."""
+        if split in self._warned_empty:
+            return
+        self._warned_empty.add(split)
+        self._event("no_eval_data", split=split)
+        self.progress.message(f"the {split} split gave no full batch, so it is not evaluated: give it a larger "
+                              f"share of the data (--val-percent / --test-percent), or lower --batch-size or "
+                              f"--block-size")
 
     # ------------------------------------------------------------------------ checkpoints
 
