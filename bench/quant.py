@@ -6,7 +6,8 @@
 2. gpt2-shaped (124M) slm model, random init: fp32 against each method through `slm bench`
    (each model in a fresh process). Targets for the default int8 method: decode >= 3x fp32,
    weights <= 35 %, peak RSS <= 50 %.
-3. quality: a trained tiny model (bench/train_tiny.py) on held-out text, perplexity of fp32
+3. quality: a trained tiny model (`slm train` on wiki-vital; `make demo`'s run when present, else
+   trained here) on the held-out val split, perplexity of fp32
    against every method and head/embedding choice. Target: <= 2 % rise for the default.
 4. SmolLM2-135M (the offline alias, dequantized to fp32) against its int8 copy: decode >= 1.5x.
 
@@ -20,6 +21,7 @@ import argparse
 import json
 import os
 import platform
+import subprocess
 import sys
 import tempfile
 import time
@@ -209,7 +211,9 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2, help="slm bench rounds (best of, interleaved)")
     ap.add_argument("--skip-compile", action="store_true", help="no torch.compile rows (they compile for minutes)")
     ap.add_argument("--sections", default="kernels,gpt2,quality,smollm2", help="comma-separated parts to run")
-    ap.add_argument("--tiny-model", default="runs/tiny-wiki", help="trained tiny model (bench/train_tiny.py)")
+    ap.add_argument("--tiny-model", default="demo-out/tiny-wiki-vital",
+                    help="trained tiny model or run directory; trained with `slm train` when missing")
+    ap.add_argument("--tiny-steps", type=int, default=400, help="steps of `slm train` when training the tiny model")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "quant.json"))
     args = ap.parse_args()
     result = {"machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
@@ -275,14 +279,20 @@ def quality_section(work: Path, args, result: dict) -> None:
     from slm.benchmark import perplexity
     from slm.loading import open_model
 
-    sys.path.insert(0, str(Path(__file__).parent))
-    from train_tiny import is_val, packed, val_rows, wiki_vital_texts
+    from slm.data import DataConfig, TokenStream
 
-    rows = val_rows(256)
-    train = packed([t for t in wiki_vital_texts() if not is_val(t)][:400], 256)
-    calibration = [train[i:i + 4, :-1].contiguous() for i in range(0, 64, 4)]  # 16 batches of 4 x 256
-    batches = [(rows[i:i + 8, :-1].contiguous(), rows[i:i + 8, 1:].contiguous()) for i in range(0, len(rows), 8)]
     src = args.tiny_model
+    if not Path(src).exists():  # the same command a user runs; --seed fixes the result
+        print(f"== training the tiny model: slm train, {args.tiny_steps} steps on wiki-vital -> {src}", flush=True)
+        subprocess.run([sys.executable, "-m", "slm", "train", "--data", "wiki-vital", "--preset", "tiny",
+                        "--batch-size", "8", "--block-size", "256", "--lr", "1e-3", "--warmup-steps", "20",
+                        "--max-steps", str(args.tiny_steps), "--eval-every", "100", "--seed", "0", "--out", src],
+                       check=True)
+    data = DataConfig(source="wiki-vital")
+    batches = list(TokenStream(data, split="val", block_size=256, batch_size=8, loop=False))
+    train = iter(TokenStream(data, split="train", block_size=256, batch_size=4, seed=0))
+    calibration = [next(train)[0] for _ in range(16)]  # 16 batches of 4 x 256 training tokens
+    n_tokens = sum(y.numel() for _, y in batches)
     variants = {"fp32": None, "dynamic-int8 (default)": QuantConfig(),
                 "dynamic-int8, head fp32": QuantConfig(exclude=["lm_head"]),
                 "dynamic-int8, emb fp32": QuantConfig(exclude=["transformer.wte"]),
@@ -290,7 +300,7 @@ def quality_section(work: Path, args, result: dict) -> None:
                 "weight-int8": QuantConfig(method="weight-int8"),
                 "weight-int4": QuantConfig(method="weight-int4"),
                 "static-int8 (16 x 4 x 256 training tokens)": QuantConfig(method="static-int8")}
-    print(f"== quality: {src}, perplexity on {rows.numel()} held-out wiki-vital tokens", flush=True)
+    print(f"== quality: {src}, perplexity on {n_tokens:,} tokens of wiki-vital's val split", flush=True)
     out = []
     for name, qcfg in variants.items():
         path = src

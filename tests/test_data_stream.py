@@ -16,7 +16,7 @@ from slm.data.documents import Splitter
 from slm.data.producer import Producer
 from slm.data.sources import resolve_source
 from slm.errors import SlmError
-from slm.tokenizer import EOT, get_tokenizer
+from slm.tokenizer import get_tokenizer
 
 
 def take(stream, k):

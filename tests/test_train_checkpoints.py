@@ -5,7 +5,6 @@ import torch
 
 from slm.checkpoint import load_model
 from slm.loading import open_model
-from slm.model import GPT
 from slm.train.checkpoints import (CheckpointManager, checkpoint_name, find_model_dir, load_optimizer,
                                    optimizer_from_tensors, optimizer_to_tensors, verify)
 from slm.train.config import TrainConfig

@@ -1,6 +1,5 @@
 import math
 
-import torch
 
 from slm.model import GPT
 from slm.train.config import TrainConfig

@@ -13,13 +13,8 @@ import logging
 import os
 import sys
 
-# Before torch loads OpenMP: threads that wait at a barrier sleep instead of spinning. On a
-# shared CPU (other jobs running) spinning threads starve the one they wait for; measured on
-# this 2-core machine under load, LoRA training ran 5x and decoding 4-6x slower without it.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
-from slm import __version__  # noqa: E402
-from slm.errors import SlmError  # noqa: E402
+from slm import __version__
+from slm.errors import SlmError
 
 # Modules under slm.cli, in the order their commands appear in `slm --help`.
 COMMANDS = ["core", "data", "train", "finetune", "quant", "serve", "export"]
@@ -50,7 +45,7 @@ def passive_omp_threads() -> None:
 
     A spinning thread keeps its core while the thread it waits for may be descheduled; on a
     CPU shared with other programs, batch-1 decoding of the 124M model ran 3-10x slower with
-    spinning threads (bench/README.md). libgomp reads the variable when torch is imported,
+    spinning threads (bench/README.md), and LoRA training 5x slower. libgomp reads the variable when torch is imported,
     so this runs before any command module is."""
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
