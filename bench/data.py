@@ -123,7 +123,7 @@ def tokenizer_alone(d: Path, seconds: float) -> dict:
 RSS_RUN = """
 import json, sys, time
 from slm.data import DataConfig, TokenStream
-from slm.data.producer import peak_rss_bytes
+from slm.memory import peak_rss_bytes
 d, mode = sys.argv[1], sys.argv[2]
 t = time.perf_counter()
 if mode == "train":

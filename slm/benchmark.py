@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import resource
 import subprocess
 import sys
 import time
@@ -25,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from slm.errors import SlmError
+from slm.memory import peak_rss_bytes
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth")
 
@@ -46,20 +46,6 @@ class BenchConfig:
         for name in ("prompt_tokens", "new_tokens", "repeats", "rounds", "eval_tokens"):
             if getattr(self, name) < 1:
                 raise SlmError(f"{name} must be at least 1, got {getattr(self, name)}")
-
-
-def peak_rss_bytes() -> int:
-    """This process's peak resident set size. Linux's VmHWM belongs to the process image;
-    getrusage's maxrss survives exec, so a child would inherit its parent's peak."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    scale = 1 if sys.platform == "darwin" else 1024  # bytes on macOS, KiB on Linux
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
 
 
 def weights_bytes(spec: str) -> int | None:

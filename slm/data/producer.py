@@ -30,6 +30,7 @@ from slm.data.documents import SPLITS, SkipLog, Splitter, documents
 from slm.data.readers import FileSkip, make_reader
 from slm.data.sources import Source, backoff_delay, is_transient, with_retries
 from slm.errors import SlmError
+from slm.memory import peak_rss_bytes
 from slm.tokenizer import EOT, get_tokenizer
 
 # Characters per tokenizer call: long enough to amortize the call, short enough that the GIL,
@@ -317,23 +318,6 @@ def grouped(batches, k: int):
             group = []
     if group:
         yield group
-
-
-def peak_rss_bytes() -> int:
-    """This process's peak resident memory. Linux: VmHWM, which starts afresh at exec (ru_maxrss
-    would carry over the parent's peak into a spawned process)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    import resource
-    import sys
-
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if sys.platform == "darwin" else peak * 1024
 
 
 def put_until_stopped(q, item, stop, parent=None) -> bool:

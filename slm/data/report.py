@@ -14,10 +14,11 @@ import numpy as np
 
 from slm.data.config import DataConfig
 from slm.data.documents import SPLITS
-from slm.data.producer import Producer, peak_rss_bytes
+from slm.data.producer import Producer
 from slm.data.readers import FileSkip, make_reader
 from slm.data.sources import Source, resolve_source
 from slm.errors import SlmError
+from slm.memory import peak_rss_bytes
 
 _FIELD_REASONS = {"missing_column", "missing_field", "wrong_column_type"}
 

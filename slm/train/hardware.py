@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from slm.errors import SlmError
+from slm.memory import peak_rss_bytes
 
 
 @dataclass(frozen=True)
@@ -116,6 +117,4 @@ def peak_memory(device: torch.device) -> int:
     """Peak memory of this process so far: resident set on CPU, allocated bytes on a GPU."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+    return peak_rss_bytes()
