@@ -66,6 +66,16 @@ def test_jsonl_plain_gzip_zstd_and_txt(tmp_path):
         "First paragraph,\nstill first.", "Second one.", "Third.", "Only one."]
 
 
+def test_unreachable_https_source_is_one_clear_error_after_retries():
+    import socket
+
+    with socket.socket() as sock:  # a local port with nobody listening: refused at once, no network needed
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    with pytest.raises(SlmError, match=r"listing https://127\.0\.0\.1:\d+/a\.parquet failed after 1 retries"):
+        resolve_source(f"https://127.0.0.1:{port}/a.parquet", retries=1)
+
+
 def test_fsspec_url(tmp_path):
     fs = fsspec.filesystem("memory")
     docs = make_docs(20)

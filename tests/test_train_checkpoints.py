@@ -84,6 +84,27 @@ def test_corrupt_and_incomplete_checkpoints_are_reported_and_skipped(tmp_path):
     assert any(".tmp-step-0000004" in m for m in messages) and not (run / ".tmp-step-0000004-123").exists()
 
 
+def test_a_resumed_run_sets_damaged_checkpoints_aside_and_saves_over_their_steps(tmp_path):
+    tr = _trainer(tmp_path, keep_last=5)
+    tr.train_step()
+    for step in (1, 2):
+        _save_at(tr, step)
+    run = tmp_path / "run"
+    model = run / checkpoint_name(2) / "model.safetensors"
+    model.write_bytes(model.read_bytes()[:-10])  # truncated: the run resumes from step 1
+    messages = []
+    tr2 = _trainer(tmp_path, keep_last=5)
+    tr2.ckpt.report = messages.append
+    assert tr2.resume() and tr2.step == 1
+    aside = list(run.glob(".corrupt-step-0000002-*"))
+    assert len(aside) == 1 and any("moved to .corrupt-step-0000002" in m for m in messages)
+    assert [p.name for p in tr2.ckpt.checkpoints()] == [checkpoint_name(1)]
+    tr2.train_step()
+    tr2.save_checkpoint()  # step 2 again: a complete checkpoint under its name, the damaged one kept aside
+    assert verify(run / checkpoint_name(2))["step"] == 2 and aside[0].exists()
+    assert find_model_dir(run).name == checkpoint_name(2)
+
+
 def test_run_directory_works_as_model_spec(tmp_path):
     tr = _trainer(tmp_path)
     tr.train_step()

@@ -50,8 +50,9 @@ def test_train_eval_generate_plot(tmp_path, data_dir, capsys):
     assert "step 12" in err and "val loss" in err
     recs = read_metrics(out / "metrics.jsonl")
     assert [r["step"] for r in recs if "train_loss" in r] == list(range(1, 13))
-    vals = [r["val_loss"] for r in recs if "val_loss" in r]
-    assert len(vals) == 2 and vals[-1] < vals[0]
+    vals = [(r["step"], r["val_loss"]) for r in recs if "val_loss" in r]
+    assert [v[0] for v in vals] == [4, 6, 8, 12]  # every 6 steps, and at each checkpoint (so "best" sees all)
+    assert vals[-1][1] < vals[0][1]
     saved = json.loads((out / "train_config.json").read_text())
     assert saved["train"]["lr"] == 3e-3 and saved["model"]["n_layer"] == 1 and saved["data"]["source"] == str(data_dir)
     # keep-last 1 plus the best by validation loss
@@ -64,6 +65,8 @@ def test_train_eval_generate_plot(tmp_path, data_dir, capsys):
     code, stdout, _ = run(capsys, "generate", "--model", out, "--prompt", "Document", "--max-new-tokens", "5",
                           "--temperature", "0", "--json")
     assert code == 0 and json.loads(stdout)["tokens"] == 5
+    code, stdout, _ = run(capsys, "info", "--model", out, "--json")
+    assert code == 0 and json.loads(stdout)["path"].endswith("step-0000012")
     code, stdout, _ = run(capsys, "plot", out)
     png = out / "loss.png"
     assert code == 0 and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000

@@ -41,13 +41,20 @@ def quiet_third_party_logs() -> None:
 
 
 def passive_omp_threads() -> None:
-    """Let idle OpenMP threads sleep instead of spin, unless OMP_WAIT_POLICY says otherwise.
+    """On a CPU that other programs already keep busy, let idle OpenMP threads sleep instead of spin.
 
-    A spinning thread keeps its core while the thread it waits for may be descheduled; on a
-    CPU shared with other programs, batch-1 decoding of the 124M model ran 3-10x slower with
-    spinning threads (bench/README.md), and LoRA training 5x slower. libgomp reads the variable when torch is imported,
-    so this runs before any command module is."""
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    A spinning thread keeps its core while the thread it waits for may be descheduled: on this
+    2-core machine under load, batch-1 decoding of the 124M model ran 3-10x slower and LoRA training
+    5x slower with spinning threads. On an idle CPU spinning is what makes small kernels fast
+    (int8 decoding ran 1.4x faster with libgomp's default than with PASSIVE), so the policy is only
+    set when the load average already reaches the core count, and never over OMP_WAIT_POLICY.
+    libgomp reads the variable when torch is imported, so this runs before any command module is."""
+    try:
+        busy = os.getloadavg()[0] >= (os.cpu_count() or 1)
+    except OSError:  # no load average on this platform
+        busy = False
+    if busy:
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -5,13 +5,14 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 import torch
 
 from slm.checkpoint import read_artifact, save_model
 from slm.cli.args import add_dataclass_args, from_args, given
 from slm.config import PRESETS, ModelConfig, resolve_model_config
-from slm.loading import open_model
+from slm.loading import open_model, resolve_artifact_dir
 from slm.generate import GenerationStats, SamplingConfig, generate
 from slm.model import GPT
 from slm.runtime import DTYPES, resolve_device, resolve_dtype
@@ -105,7 +106,7 @@ def describe(cfg: ModelConfig) -> dict:
 
 def cmd_info(args) -> int:
     if args.model:
-        art = read_artifact(args.model)
+        art = read_artifact(resolve_artifact_dir(Path(args.model)))
         out = describe(art.model) | {"tokenizer": art.tokenizer.to_dict(), "path": str(art.path),
                                      "slm_version": art.raw.get("slm_version"), "metadata": art.metadata}
     else:

@@ -153,9 +153,23 @@ def _url(fs, path: str) -> str:
     return path if _is_local(fs) else fs.unstrip_protocol(path)
 
 
+def _listing(fn, what: str, retries: int, remote: bool):
+    """with_retries for finding a source's files: a remote failure that the retries did not cure
+    is one clear error before training, not a traceback."""
+    try:
+        return with_retries(fn, what, retries, remote)
+    except SlmError:
+        raise
+    except Exception as e:
+        if not remote:
+            raise
+        raise SlmError(f"{what} failed after {retries} retries ({type(e).__name__}: {e}); check the URL, the "
+                       f"network and any credentials") from None
+
+
 def _list_files(fs, path: str, spec: str, retries: int) -> Source:
     remote = not _is_local(fs)
-    call = lambda fn, what: with_retries(fn, what, retries, remote)  # noqa: E731
+    call = lambda fn, what: _listing(fn, what, retries, remote)  # noqa: E731
     explicit_file = False
     if any(c in path for c in "*?["):
         paths = call(lambda: fs.glob(path, detail=True), f"listing {spec}")
@@ -206,8 +220,8 @@ def _resolve_hub(spec: str, retries: int) -> Source:
     patterns, config, split = hub_data_files(fs, root, repo, config, split, retries)
     found: dict = {}
     for pattern in patterns:
-        found.update(with_retries(lambda: fs.glob(f"{root}/{pattern}", detail=True), f"listing {spec}", retries,
-                                  not _is_local(fs)))
+        found.update(_listing(lambda: fs.glob(f"{root}/{pattern}", detail=True), f"listing {spec}", retries,
+                              not _is_local(fs)))
     shards = []
     for p, info in sorted(found.items()):
         fmt = shard_format(p)
@@ -229,7 +243,7 @@ def _hub_filesystem(repo: str, retries: int):
         raise SlmError("hf: sources need huggingface_hub: pip install 'slm[hf]'") from None
     try:
         sha = with_retries(lambda: HfApi().dataset_info(repo).sha, f"looking up {repo} on the hub", retries,
-                           permanent=(OfflineModeIsEnabled,))
+                           permanent=(OfflineModeIsEnabled, RepositoryNotFoundError))
     except RepositoryNotFoundError:
         raise SlmError(f"dataset {repo!r} not found on the Hugging Face Hub (or it is private: set HF_TOKEN)") from None
     except Exception as e:

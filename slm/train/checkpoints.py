@@ -126,14 +126,26 @@ class CheckpointManager:
         found = [p for p in self.run_dir.iterdir() if p.is_dir() and checkpoint_step(p) is not None]
         return sorted(found, key=checkpoint_step)
 
-    def latest_valid(self) -> tuple[Path, dict] | None:
-        """The newest checkpoint that passes verification; damaged ones are reported and skipped."""
+    def latest_valid(self, set_aside: bool = False) -> tuple[Path, dict] | None:
+        """The newest checkpoint that passes verification; damaged ones are reported and skipped
+        (and with `set_aside`, renamed out of the listing so nothing loads or keeps them as a step)."""
         for path in reversed(self.checkpoints()):
             try:
                 return path, verify(path)
             except CorruptCheckpoint as e:
-                self.report(f"checkpoint {path.name} is incomplete or corrupt ({e}); skipping it")
+                if set_aside:
+                    self.set_aside(path, e)
+                else:
+                    self.report(f"checkpoint {path.name} is incomplete or corrupt ({e}); skipping it")
         return None
+
+    def set_aside(self, path: Path, reason: Exception) -> Path:
+        """Rename a damaged checkpoint to a hidden name (kept for inspection, never deleted)."""
+        dest = self.run_dir / f".corrupt-{path.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        os.replace(path, dest)
+        fsync_dir(self.run_dir)
+        self.report(f"checkpoint {path.name} is incomplete or corrupt ({reason}); skipping it, moved to {dest.name}")
+        return dest
 
     def best(self) -> Path | None:
         """The checkpoint with the lowest validation loss measured at its step, if any has one."""
@@ -161,8 +173,12 @@ class CheckpointManager:
         """Write checkpoint `step` atomically, then apply the retention policy."""
         t0 = time.perf_counter()
         final = self.run_dir / checkpoint_name(step)
-        if final.exists():  # saved already at this step (e.g. a periodic save, then the final one)
-            return SaveStats(0.0, 0)
+        if final.exists():
+            try:
+                verify(final)
+                return SaveStats(0.0, 0)  # saved already at this step (e.g. a periodic save, then the final one)
+            except CorruptCheckpoint as e:  # left by an earlier, broken run: keep it aside, never under its name
+                self.set_aside(final, e)
         tmp = self.run_dir / f".tmp-{final.name}-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)

@@ -362,6 +362,8 @@ class Trainer:
         if cfg.eval_every and self.step % cfg.eval_every == 0:
             self.run_eval()
         if (cfg.ckpt_every and self.step % cfg.ckpt_every == 0) or self._ckpt_time_due:
+            if cfg.eval_every and self.val_step != self.step:
+                self.run_eval()  # every checkpoint carries its own val loss, so "best" can pick among all
             self.save_checkpoint()
 
     def _eta(self, total: int | None) -> float | None:
@@ -393,7 +395,7 @@ class Trainer:
     def _rollback_target(self) -> Path | None:
         found = None
         if self.info.is_main and self.ckpt is not None:
-            latest = self.ckpt.latest_valid()
+            latest = self.ckpt.latest_valid(set_aside=True)
             found = str(latest[0]) if latest else None
         found = D.broadcast_object(found, self.info)
         return Path(found) if found else None
@@ -466,7 +468,7 @@ class Trainer:
         found = None
         if self.info.is_main and self.ckpt is not None:
             self.ckpt.clean_temporaries()
-            latest = self.ckpt.latest_valid()
+            latest = self.ckpt.latest_valid(set_aside=True)
             found = (str(latest[0]), latest[1]) if latest else None
         found = D.broadcast_object(found, self.info)
         if found is None:
