@@ -8,7 +8,7 @@ import pytest
 from slm.finetune.data import load_examples
 from slm.finetune.config import EvalSqlConfig
 from slm.finetune.sqleval import evaluate, extract_sql, model_replier, normalize_sql
-from slm.finetune.sqlexec import (ContextError, Limits, Result, build_database, fill_synthetic, gold_literals, judge,
+from slm.finetune.sqlexec import (ContextError, Limits, QueryError, Result, build_database, fill_synthetic, gold_literals, judge,
                                   orders_rows, prepare_suite, run_query, same_result)
 from slm.finetune.synthetic import SCHEMAS, TEMPLATES, generate_examples
 
@@ -27,6 +27,18 @@ def test_time_limit_and_row_cap():
     res = run_query(conn, "SELECT * FROM t, t AS u", Limits(max_rows=5))
     assert len(res.rows) == 5 and res.truncated
     assert not run_query(conn, "SELECT * FROM t", Limits()).truncated
+
+
+def test_queries_only_read(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    conn = build_database("CREATE TABLE t (x INTEGER); INSERT INTO t VALUES (1), (2), (3);")
+    for sql in ["DELETE FROM t", "DROP TABLE t", "ATTACH 'x.db' AS x", "INSERT INTO t VALUES (4)",
+                "CREATE TABLE u (y)", "PRAGMA writable_schema = 1"]:
+        with pytest.raises(QueryError, match="not authorized"):
+            run_query(conn, sql, Limits())
+    assert not list(tmp_path.iterdir())  # ATTACH made no file
+    assert run_query(conn, "WITH c AS (SELECT x FROM t) SELECT COUNT(*), MAX(x) FROM c", Limits()).rows == [(3, 3)]
+    conn.execute("INSERT INTO t VALUES (4)")  # the connection itself stays writable for building databases
 
 
 def test_comparison_order_only_when_gold_orders():
@@ -60,7 +72,7 @@ def test_test_suite_for_schema_only_contexts():
     ok, error = judge(suite, "SELECT nope FROM sales", Limits())
     assert not ok and "no such column" in error
     # Databases are read-only once built: a prediction cannot change them.
-    assert "readonly" in judge(suite, "DELETE FROM sales", Limits())[1]
+    assert "not authorized" in judge(suite, "DELETE FROM sales", Limits())[1]
     # The same seed builds the same databases.
     again = prepare_suite(SCHEMA, GOLD, seed=1, limits=Limits(), n_databases=3)
     assert [g.rows for g in again.gold] == [g.rows for g in suite.gold]

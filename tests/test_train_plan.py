@@ -75,3 +75,12 @@ def test_bad_requests():
         make_plan(PlanRequest(ModelConfig(), device="tpu"))
     with pytest.raises(SlmError, match="mfu"):
         PlanRequest(ModelConfig(), device="h100", mfu=2.0)
+
+
+def test_measuring_the_cpu_peak_leaves_the_global_rng_alone():
+    from slm.train.hardware import cpu_matmul_peak
+
+    torch.manual_seed(0)
+    state = torch.get_rng_state()
+    cpu_matmul_peak.__wrapped__(torch.float32, n=64, seconds=0.01)
+    assert torch.equal(torch.get_rng_state(), state)

@@ -63,9 +63,19 @@ def has_rows(conn: sqlite3.Connection) -> bool:
     return any(conn.execute(f"SELECT 1 FROM {quote_name(t)} LIMIT 1").fetchone() for t in tables(conn))
 
 
+# What a query may do: read. A predicted DELETE, DROP or ATTACH (which would create a file) is refused.
+_READ_ONLY = {sqlite3.SQLITE_SELECT, sqlite3.SQLITE_READ, sqlite3.SQLITE_FUNCTION, sqlite3.SQLITE_RECURSIVE}
+
+
+def _read_only(action, *_):
+    return sqlite3.SQLITE_OK if action in _READ_ONLY else sqlite3.SQLITE_DENY
+
+
 def run_query(conn: sqlite3.Connection, sql: str, limits: Limits) -> Result:
+    """Run one query read-only, within the time limit, keeping at most `max_rows` + 1 rows."""
     deadline = time.monotonic() + limits.timeout_s
     conn.set_progress_handler(lambda: time.monotonic() > deadline, 10_000)
+    conn.set_authorizer(_read_only)
     try:
         cur = conn.execute(sql)
         rows = cur.fetchmany(limits.max_rows + 1)
@@ -76,6 +86,7 @@ def run_query(conn: sqlite3.Connection, sql: str, limits: Limits) -> Result:
         raise QueryError(str(e)) from None
     finally:
         conn.set_progress_handler(None, 0)
+        conn.set_authorizer(None)
     return Result(rows[: limits.max_rows], len(rows) > limits.max_rows)
 
 

@@ -59,8 +59,9 @@ def detect_gpu(index: int = 0) -> str | None:
 @functools.cache
 def cpu_matmul_peak(dtype: torch.dtype = torch.float32, n: int = 1024, seconds: float = 0.3) -> float:
     """Best measured FLOP/s of an n x n matmul on this CPU with this process's threads."""
-    a = torch.randn(n, n, dtype=dtype)
-    b = torch.randn(n, n, dtype=dtype)
+    g = torch.Generator().manual_seed(0)  # its own generator: measuring must not move a seeded run's RNG
+    a = torch.randn(n, n, dtype=dtype, generator=g)
+    b = torch.randn(n, n, dtype=dtype, generator=g)
     a @ b
     best, end = 0.0, time.perf_counter() + seconds
     while time.perf_counter() < end:
