@@ -164,6 +164,8 @@ def main() -> None:
     hf_rows = [r for r in table if r["row"] in ("hf fp32", "hf bf16")]
     best_slm, best_hf = best(slm_rows), best(hf_rows)
     ratio = best_slm["tokens_per_s"] / best_hf["tokens_per_s"]
+    eager = best([r for r in slm_rows if "compile" not in r["row"]])  # like for like: neither loop compiled
+    ratio_eager = eager["tokens_per_s"] / best_hf["tokens_per_s"]
     ratio_by_threads = {th: best([r for r in slm_rows if r["threads"] == th])["tokens_per_s"]
                         / best([r for r in hf_rows if r["threads"] == th])["tokens_per_s"] for th in threads}
     print("\n| row | threads | tokens/s | s/step | MFU vs own-dtype peak | MFU vs bf16 peak |\n|---|---|---|---|---|---|")
@@ -172,12 +174,13 @@ def main() -> None:
               f"{100 * r['mfu_vs_own_dtype_peak']:.1f}% | {100 * r['mfu_vs_bf16_peak']:.1f}% |")
     print(f"\nbest slm ({best_slm['row']}, {best_slm['threads']} thr) / best hf ({best_hf['row']}, "
           f"{best_hf['threads']} thr): {ratio:.2f}x (target >= 2.0x); at equal threads: "
-          + ", ".join(f"{th} thr {x:.2f}x" for th, x in ratio_by_threads.items()))
+          + ", ".join(f"{th} thr {x:.2f}x" for th, x in ratio_by_threads.items())
+          + f"; without torch.compile ({eager['row']}, {eager['threads']} thr): {ratio_eager:.2f}x")
     if compile_seconds is not None:
         print(f"torch.compile: first two steps took {compile_seconds:.0f} s")
     result = {"preset": "tiny", "batch": [B, T], "flops_per_token": fpt, "peaks_flops": peaks, "rows": table,
               "best_slm": [best_slm["row"], best_slm["threads"]], "best_hf": [best_hf["row"], best_hf["threads"]],
-              "ratio": ratio, "ratio_by_threads": ratio_by_threads,
+              "ratio": ratio, "ratio_by_threads": ratio_by_threads, "ratio_without_compile": ratio_eager,
               "compile_warmup_seconds": compile_seconds, "threads": torch.get_num_threads(),
               "torch": torch.__version__, "cpu": platform.processor() or platform.machine(),
               "load_before": load_before, "load_after": os.getloadavg()}

@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
-# The demo on the embedded defaults: plan, then train the `tiny` GPT on wiki-vital for a few minutes
-# on this CPU, watch validation perplexity fall, plot the loss curves, and sample from the result.
-# DEMO_MINUTES (default 4) sets the training budget, DEMO_OUT (default demo-out) the output folder.
+# The demo on the embedded defaults, offline: plan, then train the `tiny` GPT on wiki-vital for a few
+# minutes on this CPU, watch validation perplexity fall, plot the loss curves, sample from the result,
+# quantize it to int8 and measure what that gained and lost; then teach SmolLM2-135M-Instruct
+# text-to-SQL with LoRA on generated, verified examples and score it in SQLite before and after.
+# DEMO_MINUTES (default 4) sets the training budget, DEMO_OUT (default demo-out) the output folder,
+# DEMO_FINETUNE=0 skips the fine-tuning part (about 10 minutes on 2 cores).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SLM=.venv/bin/slm
@@ -36,3 +39,18 @@ $SLM plot "$RUN" --out "$OUT/loss.png"
 
 echo "=== a sample from the trained model (best checkpoint of the run)"
 $SLM generate --model "$RUN" --prompt "The history of" --max-new-tokens 60 --temperature 0.8 --top-k 40 --seed 0
+
+echo "=== int8: what quantization gains (size, memory, speed) and loses (perplexity)"
+rm -rf "$OUT/tiny-int8"
+$SLM quantize --model "$RUN" --out "$OUT/tiny-int8" --method dynamic-int8
+$SLM bench --model "$RUN" --model "$OUT/tiny-int8" --data wiki-vital
+
+[ "${DEMO_FINETUNE:-1}" = 0 ] && exit 0
+echo "=== fine-tuning: SmolLM2-135M-Instruct learns text-to-SQL (LoRA), scored by running its SQL in SQLite"
+$SLM sql-data --out "$OUT/sql-train.jsonl" --n 600 --seed 0
+$SLM sql-data --out "$OUT/sql-test.jsonl" --n 24 --seed 1   # other rows, values and questions
+$SLM eval-sql --model smollm2-135m-instruct --data "$OUT/sql-test.jsonl" --limit 24 --show 2
+rm -rf "$OUT/sql-lora"
+$SLM finetune --base smollm2-135m-instruct --data "$OUT/sql-train.jsonl" --out "$OUT/sql-lora" \
+  --max-steps 40 --max-seq-len 512 --eval-every 20
+$SLM eval-sql --model "$OUT/sql-lora" --data "$OUT/sql-test.jsonl" --limit 24 --show 2
