@@ -1,6 +1,7 @@
 """Quantization: layer numerics against fp32, artifacts round trips, refusal of damaged ones."""
 
 import json
+import types
 
 import pytest
 import torch
@@ -125,6 +126,17 @@ def test_fallback_when_the_deprecated_kernel_is_gone(linear, monkeypatch):
     assert rel(layer(x), linear(x).detach()) < INT8_TOL
     monkeypatch.setenv("SLM_QUANT_KERNEL", "reference")
     assert Int8Linear(q, s, linear.bias, "dynamic").kernel == "reference"
+
+
+@pytest.mark.parametrize("backend", [types.SimpleNamespace(), types.SimpleNamespace(engine="qnnpack")])
+def test_fbgemm_detection_falls_back_without_the_engine_setting(backend, monkeypatch):
+    """torch.backends.quantized gone (a later torch) or naming another engine: no fbgemm, no crash."""
+    kernels.has_fbgemm.cache_clear()
+    monkeypatch.setattr(torch.backends, "quantized", backend)
+    try:
+        assert kernels.has_fbgemm() is False
+    finally:
+        kernels.has_fbgemm.cache_clear()
 
 
 # ------------------------------------------------------------------------------ whole models

@@ -45,10 +45,11 @@ def _works(fn) -> bool:
 @functools.lru_cache(maxsize=None)
 def has_fbgemm() -> bool:
     """fbgemm int8 GEMMs with per-channel weights (x86 CPUs)."""
-    if torch.backends.quantized.engine not in FBGEMM_ENGINES:
-        return False
 
     def probe():
+        # Read inside the probe: should torch.ao's engine setting go away, fall back, not crash.
+        if torch.backends.quantized.engine not in FBGEMM_ENGINES:
+            raise NotImplementedError(f"quantized engine {torch.backends.quantized.engine!r}")
         packed = fbgemm_pack(torch.ones(4, 8, dtype=torch.int8), torch.ones(4), None)
         torch.ops.quantized.linear_dynamic(torch.ones(1, 8), packed, False)
         torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(torch.ones(1, 8), 0.1, 0, packed)
