@@ -276,10 +276,9 @@ def gpt2_section(work: Path, args, result: dict) -> None:
 def quality_section(work: Path, args, result: dict) -> None:
     """Perplexity of a trained tiny model on held-out text, fp32 against every method and
     head/embedding choice (in this process: quality does not depend on the process)."""
-    from slm.benchmark import perplexity
-    from slm.loading import open_model
-
     from slm.data import DataConfig, TokenStream
+    from slm.loading import open_model
+    from slm.train.evaluation import loss_module, split_loss
 
     src = args.tiny_model
     if not Path(src).exists():  # the same command a user runs; --seed fixes the result
@@ -289,10 +288,8 @@ def quality_section(work: Path, args, result: dict) -> None:
                         "--max-steps", str(args.tiny_steps), "--eval-every", "100", "--seed", "0", "--out", src],
                        check=True)
     data = DataConfig(source="wiki-vital")
-    batches = list(TokenStream(data, split="val", block_size=256, batch_size=8, loop=False))
     train = iter(TokenStream(data, split="train", block_size=256, batch_size=4, seed=0))
     calibration = [next(train)[0] for _ in range(16)]  # 16 batches of 4 x 256 training tokens
-    n_tokens = sum(y.numel() for _, y in batches)
     variants = {"fp32": None, "dynamic-int8 (default)": QuantConfig(),
                 "dynamic-int8, head fp32": QuantConfig(exclude=["lm_head"]),
                 "dynamic-int8, emb fp32": QuantConfig(exclude=["transformer.wte"]),
@@ -300,7 +297,7 @@ def quality_section(work: Path, args, result: dict) -> None:
                 "weight-int8": QuantConfig(method="weight-int8"),
                 "weight-int4": QuantConfig(method="weight-int4"),
                 "static-int8 (16 x 4 x 256 training tokens)": QuantConfig(method="static-int8")}
-    print(f"== quality: {src}, perplexity on {n_tokens:,} tokens of wiki-vital's val split", flush=True)
+    print(f"== quality: {src}, perplexity on wiki-vital's val split", flush=True)
     out = []
     for name, qcfg in variants.items():
         path = src
@@ -308,7 +305,8 @@ def quality_section(work: Path, args, result: dict) -> None:
             path = str(work / f"tiny-{len(out)}")
             quantize_to_dir(src, path, qcfg, calibration=lambda tokenizer, block: calibration)
         m = open_model(path)
-        row = {"name": name, **perplexity(m.model, batches),
+        r = split_loss(loss_module(m, path), 256, data, "val")
+        row = {"name": name, "perplexity": r["perplexity"], "eval_tokens": r["tokens"],
                "file_bytes": sum(p.stat().st_size for p in Path(path).glob("*.safetensors"))}
         row["perplexity_change"] = row["perplexity"] / out[0]["perplexity"] - 1 if out else 0.0
         out.append(row)

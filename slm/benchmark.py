@@ -15,8 +15,8 @@ share is the difference.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
-import math
 import subprocess
 import sys
 import time
@@ -69,12 +69,15 @@ def measure(spec: str, cfg: BenchConfig) -> dict:
 
     from slm.generate import GenerationStats, SamplingConfig, generate
     from slm.loading import open_model
+    from slm.tokenizer import require_gpt2
 
     baseline = peak_rss_bytes()
     t0 = time.perf_counter()
     loaded = open_model(spec, device="cpu")
     load_seconds = time.perf_counter() - t0
     model, tok = loaded.model, loaded.tokenizer
+    if cfg.data:  # before the speed runs, not after
+        require_gpt2(tok, spec, "its perplexity on --data would mean nothing; leave --data out for this model")
     block = model.config.block_size
     prompt_len = min(cfg.prompt_tokens, max(1, block - cfg.new_tokens))
     new = min(cfg.new_tokens, block - prompt_len)
@@ -100,37 +103,38 @@ def measure(spec: str, cfg: BenchConfig) -> dict:
         "threads": torch.get_num_threads(),
         "greedy_tokens": tokens,
     }
+    # Quality last: what it imports and allocates is not the model's, and peak RSS is read above.
     if cfg.data:
-        from slm.quant.evaluate import perplexity
-
-        row.update(perplexity(loaded, cfg.data, cfg.eval_tokens))
+        row.update(val_perplexity(loaded, spec, cfg))
     if cfg.sql_data:
         row.update(sql_accuracy(loaded, cfg.sql_data))
     return row
 
 
-def perplexity(model, batches) -> dict:
-    """exp(mean next-token cross-entropy) over (x, y) token batches, and the token count."""
-    import torch
+def val_perplexity(loaded, spec: str, cfg: BenchConfig) -> dict:
+    """Perplexity on the first `cfg.eval_tokens` tokens of the val split of `cfg.data`, as
+    `slm eval` measures it, in blocks of the model's context, one sequence at a time (a batch's
+    logits would be batch x context x vocab floats)."""
+    from slm.data import DataConfig
+    from slm.train.evaluation import loss_module, split_loss
 
-    total, n = 0.0, 0
-    with torch.inference_mode():
-        for x, y in batches:
-            _, loss = model(x, y)
-            total += float(loss) * y.numel()
-            n += y.numel()
-    if n == 0:
-        raise SlmError("no validation tokens to measure perplexity on")
-    return {"perplexity": math.exp(total / n), "eval_tokens": n}
+    r = split_loss(loss_module(loaded, spec), loaded.model.config.block_size, DataConfig(source=cfg.data), "val",
+                   max_tokens=cfg.eval_tokens, batch_size=1)
+    return {"perplexity": r["perplexity"], "eval_tokens": r["tokens"]}
 
 
 def sql_accuracy(loaded, sql_data: str) -> dict:
-    """Execution accuracy with the fine-tuning work's evaluator (`slm eval-sql`)."""
-    try:
-        from slm.finetune.sql_eval import execution_accuracy
-    except ImportError:
-        raise SlmError("--sql-data needs the SQL evaluator of `slm eval-sql`, which this slm does not have yet") from None
-    return {"execution_accuracy": execution_accuracy(loaded, sql_data)}
+    """Execution accuracy with `slm eval-sql`'s evaluator and its default settings."""
+    from slm.finetune.config import EvalSqlConfig
+    from slm.finetune.data import load_examples
+    from slm.finetune.sqleval import evaluate, model_replier
+
+    cfg = EvalSqlConfig()
+    examples, _, _ = load_examples(sql_data)
+    r = evaluate(examples, model_replier(loaded, cfg.max_new_tokens), cfg, progress=False)
+    if r["n"] == 0:
+        raise SlmError(f"no example of {sql_data} could be judged (skipped: {r['skipped_reasons']})")
+    return {"execution_accuracy": r["execution_accuracy"], "sql_examples": r["n"]}
 
 
 # ------------------------------------------------------------------------------ in the parent
@@ -147,13 +151,19 @@ def run_one(spec: str, cfg: BenchConfig) -> dict:
 
 def compare(specs: list[str], cfg: BenchConfig, progress=None) -> list[dict]:
     """Every model measured `cfg.rounds` times, interleaved; per model the best speeds, the
-    lowest load time and the highest peak RSS, then ratios to the first model."""
+    lowest load time and the highest peak RSS, then ratios to the first model. Quality
+    (perplexity, SQL accuracy) does not change between rounds: it is measured in the first."""
+    if cfg.data:  # fail before any model is measured
+        from slm.data import DataConfig, check_source
+
+        check_source(DataConfig(source=cfg.data), split="val")
+    speed_only = dataclasses.replace(cfg, data=None, sql_data=None)
     best: dict[str, dict] = {}
     for r in range(cfg.rounds):
         for spec in specs:
             if progress:
                 progress(f"round {r + 1}/{cfg.rounds}: {spec}")
-            row = run_one(spec, cfg)
+            row = run_one(spec, cfg if r == 0 else speed_only)
             if spec not in best:
                 best[spec] = row
                 continue

@@ -164,6 +164,14 @@ def get_tokenizer() -> Tokenizer:
     return Tokenizer(load_gpt2_encoding())
 
 
+def require_gpt2(tokenizer, model: str, consequence: str) -> None:
+    """Refuse to feed GPT-2 token ids (what slm's data streams produce) to a model that reads
+    another tokenizer's; `consequence` says what would go wrong."""
+    if tokenizer.identity != get_tokenizer().identity:
+        raise SlmError(f"{model} uses the tokenizer {tokenizer.identity.name!r}; slm's data streams are "
+                       f"GPT-2 tokens, so {consequence}")
+
+
 class TextDecoder:
     """Turns a stream of token ids into text as soon as whole UTF-8 characters are complete
     (one token can end in the middle of a multi-byte character)."""

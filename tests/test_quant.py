@@ -2,12 +2,14 @@
 
 import json
 import types
+import warnings
 
 import pytest
 import torch
 import torch.nn as nn
 
 from conftest import tiny_config
+from datautil import make_docs, write_parquet
 from slm.checkpoint import save_model
 from slm.errors import SlmError
 from slm.generate import SamplingConfig, generate
@@ -283,6 +285,21 @@ def test_static_int8_calibration(trained, tmp_path):
         input_ranges(fp32, {"x": fp32.lm_head}, [])
 
 
+@pytest.fixture(scope="module")
+def text_corpus(tmp_path_factory):
+    """A parquet corpus whose val split (1 % of documents, by hash) holds a few hundred tokens."""
+    return write_parquet(tmp_path_factory.mktemp("corpus") / "docs.parquet", make_docs(3000, words=40))
+
+
+@pytest.fixture(scope="module")
+def small_gpt(tmp_path_factory):
+    """A random tiny GPT reading the whole GPT-2 vocabulary (the data stream's tokens)."""
+    torch.manual_seed(0)
+    d = tmp_path_factory.mktemp("small") / "fp32"
+    save_model(d, GPT(tiny_config()).eval())
+    return d
+
+
 # ------------------------------------------------------------------------------ damaged artifacts
 
 
@@ -440,3 +457,55 @@ def test_bench_process_stays_lean_for_slm_models(quantized):
             "print(sorted(m for m in ('transformers', 'torchao', 'accelerate') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip().splitlines()[-1] == "[]"
+
+
+def test_bench_perplexity_and_sql_accuracy(small_gpt, text_corpus, tmp_path, capsys):
+    """`slm bench --data --sql-data`: the val split's perplexity as `slm eval` measures it, and
+    execution accuracy with `slm eval-sql`'s evaluator (a random model's is ~0: it is the
+    number's presence and range that is checked)."""
+    from slm.benchmark import table
+    from slm.cli import main
+    from slm.data import DataConfig
+    from slm.train.evaluation import evaluate_model
+
+    quantize_to_dir(str(small_gpt), tmp_path / "q", QuantConfig())
+    sql = tmp_path / "sql.jsonl"
+    assert main(["sql-data", "--out", str(sql), "--n", "3"]) == 0
+    capsys.readouterr()
+    assert main(["bench", "--model", str(small_gpt), "--model", str(tmp_path / "q"), "--data", str(text_corpus),
+                 "--eval-tokens", "256", "--sql-data", str(sql), "--prompt-tokens", "8", "--new-tokens", "4",
+                 "--repeats", "1", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    want = evaluate_model(str(small_gpt), DataConfig(source=str(text_corpus)), max_tokens=256, batch_size=1,
+                          device="cpu")
+    assert rows[0]["perplexity"] == pytest.approx(want["perplexity"], rel=1e-6) and rows[0]["eval_tokens"] == 256
+    assert 1e4 < rows[0]["perplexity"] < 2e5  # a random model: about the vocabulary size
+    assert rows[1]["perplexity"] == pytest.approx(rows[0]["perplexity"], rel=0.02)  # int8 barely moves it
+    for r in rows:
+        assert 0.0 <= r["execution_accuracy"] <= 1.0 and r["sql_examples"] == 3
+    text = table(rows)
+    assert "perplexity" in text.splitlines()[0] and "SQL exec acc" in text.splitlines()[0]
+
+
+def test_bench_data_refuses_models_with_another_tokenizer(hf_llama, text_corpus):
+    """The data stream is GPT-2 token ids: a model reading another tokenizer's (this HF model's
+    is its own, recorded under its name) is refused in one line, before any speed run."""
+    from slm.benchmark import BenchConfig, measure
+
+    with pytest.raises(SlmError, match="GPT-2 tokens, so its perplexity on --data would mean nothing"):
+        measure(str(hf_llama[0]), BenchConfig(data=str(text_corpus), new_tokens=10_000))
+
+
+def test_eval_puts_batches_where_a_quantized_model_is(small_gpt, text_corpus, tmp_path, monkeypatch):
+    """`slm eval --device auto` on a GPU machine: a quantized model stays on the CPU, and so
+    must its batches (here the GPU is pretended: moving a batch to it would fail)."""
+    import slm.train.evaluation as evaluation
+    from slm.data import DataConfig
+
+    quantize_to_dir(str(small_gpt), tmp_path / "q", QuantConfig())
+    monkeypatch.setattr(evaluation, "resolve_device", lambda name: torch.device("cuda"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # autocast's "CUDA is not available" on machines without one
+        r = evaluation.evaluate_model(str(tmp_path / "q"), DataConfig(source=str(text_corpus)), max_tokens=64,
+                                      batch_size=1)
+    assert r["tokens"] == 64 and r["perplexity"] > 1

@@ -9,6 +9,7 @@ their own forward pass.
 from __future__ import annotations
 
 import math
+from itertools import chain
 from pathlib import Path
 
 import torch
@@ -17,7 +18,7 @@ import torch.nn as nn
 from slm.data import DataConfig, TokenStream, check_source
 from slm.errors import SlmError
 from slm.runtime import resolve_device, resolve_dtype
-from slm.tokenizer import get_tokenizer
+from slm.tokenizer import require_gpt2
 from slm.train.loop import evaluate_loss
 from slm.train.losses import CausalLMLoss
 
@@ -45,10 +46,29 @@ def load_for_eval(spec: str, device: torch.device) -> tuple[nn.Module, int, str]
             model, _ = load_model(path, device=device)
             return CausalLMLoss(model), model.config.block_size, str(path)
     loaded = open_model(spec, device=device)
-    if loaded.tokenizer.identity != get_tokenizer().identity:
-        raise SlmError(f"{spec} uses the tokenizer {loaded.tokenizer.identity.name!r}; slm's data streams are "
-                       f"GPT-2 tokens, so its loss on them would mean nothing")
-    return _ForwardLoss(loaded.model), loaded.model.config.block_size, loaded.path
+    return loss_module(loaded, spec), loaded.model.config.block_size, loaded.path
+
+
+def loss_module(loaded, spec: str) -> nn.Module:
+    """`module(x, y) -> loss` for a model `open_model` loaded, if it reads GPT-2 tokens."""
+    require_gpt2(loaded.tokenizer, spec, "its loss on them would mean nothing")
+    return _ForwardLoss(loaded.model)
+
+
+def split_loss(module: nn.Module, context: int, data: DataConfig, split: str = "val",
+               max_tokens: int | None = None, batch_size: int = 8, block_size: int | None = None,
+               dtype: torch.dtype = torch.float32) -> dict:
+    """Loss and perplexity of `module(x, y) -> loss` on the `split` of `data`, in blocks of at
+    most `context` tokens. The batches go where the module is: a quantized model stays on the
+    CPU whatever device was asked for."""
+    T = min(block_size or context, context)
+    device = next(chain(module.parameters(), module.buffers())).device
+    stream = TokenStream(data, split=split, block_size=T, batch_size=batch_size, loop=False, seed=0)
+    loss, n = evaluate_loss(module, stream, None, device, dtype, max_targets=max_tokens)
+    if n == 0:
+        raise SlmError(f"the {split} split of {data.source} has fewer than {T + 1} tokens; nothing to evaluate")
+    return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "tokens": n, "split": split,
+            "source": data.source, "block_size": T}
 
 
 def evaluate_model(spec: str, data: DataConfig, split: str = "val", max_tokens: int | None = None,
@@ -61,10 +81,5 @@ def evaluate_model(spec: str, data: DataConfig, split: str = "val", max_tokens: 
     dev = resolve_device(device)
     check_source(data, split=split)
     module, context, path = load_for_eval(spec, dev)
-    T = min(block_size or context, context)
-    stream = TokenStream(data, split=split, block_size=T, batch_size=batch_size, loop=False, seed=0)
-    loss, n = evaluate_loss(module, stream, None, dev, resolve_dtype(dtype), max_targets=max_tokens)
-    if n == 0:
-        raise SlmError(f"the {split} split of {data.source} has fewer than {T + 1} tokens; nothing to evaluate")
-    return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "tokens": n, "model": path, "split": split,
-            "source": data.source, "block_size": T}
+    return {**split_loss(module, context, data, split, max_tokens, batch_size, block_size, resolve_dtype(dtype)),
+            "model": path}
