@@ -278,9 +278,7 @@ def test_static_int8_calibration(trained, tmp_path):
     m = open_model(tmp_path / "s").model
     prompt = cycle[:8].tolist()
     assert sum(a == b for a, b in zip(greedy(m, prompt, 30), greedy(fp32, prompt, 30))) >= 27
-    assert summary["quantized_modules"] == 10
-    with pytest.raises(SlmError, match="calibration"):
-        quantize_to_dir(str(src), tmp_path / "s2", QuantConfig(method="static-int8"))
+    assert summary["quantized_modules"] == 10 and summary["calibration"] is None  # batches given, not read
     with pytest.raises(SlmError, match="no batches"):
         input_ranges(fp32, {"x": fp32.lm_head}, [])
 
@@ -298,6 +296,69 @@ def small_gpt(tmp_path_factory):
     d = tmp_path_factory.mktemp("small") / "fp32"
     save_model(d, GPT(tiny_config()).eval())
     return d
+
+
+def test_static_int8_from_the_command_line(small_gpt, text_corpus, tmp_path, capsys):
+    """`slm quantize --method static-int8 --calib-data SOURCE`: the input ranges saved are the
+    ones the train split's first batches give."""
+    from slm.checkpoint import load_model
+    from slm.cli import main
+    from slm.data import DataConfig
+    from slm.inference import to_linear_layout
+    from slm.quant.calibrate import calibration_batches
+    from slm.tokenizer import get_tokenizer
+
+    out = tmp_path / "s"
+    assert main(["quantize", "--model", str(small_gpt), "--out", str(out), "--method", "static-int8",
+                 "--calib-data", str(text_corpus), "--calib-batches", "3", "--calib-batch-size", "2", "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["calibration"] == {"source": str(text_corpus), "batches": 3, "batch_shape": [2, 32]}
+    cfg = json.loads((out / "config.json").read_text())["quantization"]
+    assert cfg["calibration"] == summary["calibration"]
+
+    fp32 = to_linear_layout(load_model(small_gpt)[0])
+    qcfg = QuantConfig(method="static-int8", calib_batches=3, calib_batch_size=2)
+    batches = calibration_batches(DataConfig(source=str(text_corpus)), qcfg, get_tokenizer(), "m", 32)
+    assert len(batches) == 3 and all(b.shape == (2, 32) for b in batches)
+    linears = {n: m for n, m in fp32.named_modules() if isinstance(m, nn.Linear)}
+    want = input_ranges(fp32, linears, batches)
+    loaded = open_model(out)
+    assert loaded.kind == "gpt-quantized"
+    for name in ("transformer.h.0.attn.c_attn", "transformer.h.1.mlp.c_proj", "lm_head"):
+        layer = loaded.model.get_submodule(name)
+        assert layer.activation == "static" and torch.equal(layer.input_range, want[name]), name
+    idx = batches[0]
+    with torch.no_grad():
+        assert rel(loaded.model(idx)[0], fp32(idx)[0]) < 0.05
+    # Too little data for one batch: said so, nothing written.
+    tiny = write_parquet(tmp_path / "tiny.parquet", make_docs(3))
+    assert main(["quantize", "--model", str(small_gpt), "--out", str(tmp_path / "t"), "--method", "static-int8",
+                 "--calib-data", str(tiny)]) == 1
+    assert "too small for one calibration batch" in capsys.readouterr().err
+    assert not (tmp_path / "t").exists()
+
+
+def test_static_int8_refuses_models_with_another_tokenizer(hf_llama, text_corpus, tmp_path):
+    with pytest.raises(SlmError, match="GPT-2 tokens, so static-int8 cannot calibrate"):
+        quantize_to_dir(str(hf_llama[0]), tmp_path / "s", QuantConfig(method="static-int8",
+                                                                      calib_data=str(text_corpus)))
+
+
+def test_calibration_data_prefers_the_training_runs_data(small_gpt, tmp_path):
+    from slm.data import DataConfig
+    from slm.quant.calibrate import calibration_data
+    from slm.train.config import RunConfig, TrainConfig, save_run_config
+
+    run = tmp_path / "run"
+    (run / "step-0000010").mkdir(parents=True)
+    save_run_config(run, RunConfig(tiny_config(), DataConfig(source="shards/", text_field="content", num_workers=2),
+                                   TrainConfig()))
+    static = QuantConfig(method="static-int8")
+    for model in (run, run / "step-0000010"):  # the run, or a checkpoint inside it
+        data = calibration_data(str(model), static)
+        assert (data.source, data.text_field, data.num_workers) == ("shards/", "content", 0)
+    assert calibration_data(str(run), QuantConfig(method="static-int8", calib_data="other/")).source == "other/"
+    assert calibration_data(str(small_gpt), static) == DataConfig()  # not a run: wiki-vital
 
 
 # ------------------------------------------------------------------------------ damaged artifacts

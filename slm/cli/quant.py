@@ -47,6 +47,10 @@ def cmd_quantize(args) -> int:
           f"{len(summary['float_modules'])} kept float {summary['float_modules'][:4]}")
     print(f"weights {summary['file_bytes'] / 1e6:.1f} MB, {summary['size_ratio']:.0%} of fp32 "
           f"({summary['float_bytes'] / 1e6:.1f} MB)")
+    if summary["calibration"]:
+        c = summary["calibration"]
+        print(f"calibrated on {c['batches']} batches of {' x '.join(map(str, c['batch_shape']))} tokens "
+              f"from the train split of {c['source']}")
     return 0
 
 

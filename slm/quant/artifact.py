@@ -49,12 +49,13 @@ REQUIRED = {"int8": ("qweight", "scale"), "int4": ("qweight", "scale", "zero"), 
 
 def quantize_to_dir(source: str, out: str | Path, cfg: QuantConfig, calibration=None) -> dict:
     """Quantize the model `source` names (anything open_model accepts: slm GPTs, fine-tunes,
-    Hugging Face causal LMs) into the directory `out`; returns a summary.
-    `calibration(tokenizer, block_size)` yields token batches (static-int8 only)."""
+    Hugging Face causal LMs) into the directory `out`; returns a summary. static-int8
+    calibrates on batches from `cfg`'s calibration data (calibrate.py), or on the token
+    batches `calibration(tokenizer, block_size)` yields when given."""
     from slm.inference import to_linear_layout
     from slm.interop.hf_causal import HFCausalLM
     from slm.model import GPT
-    from slm.quant.calibrate import input_ranges
+    from slm.quant.calibrate import calibration_batches, calibration_data, input_ranges
 
     out = Path(out)
     if Path(source).exists() and out.exists() and out.resolve() == Path(source).resolve():
@@ -73,13 +74,20 @@ def quantize_to_dir(source: str, out: str | Path, cfg: QuantConfig, calibration=
     tokenizer = loaded.tokenizer
     float_bytes = sum(t.numel() * 4 for t in unique_tensors(root))
 
-    ranges = None
+    ranges, calibrated_on = None, None
     if cfg.method == "static-int8":
+        block = loaded.model.config.block_size
         if calibration is None:
-            raise SlmError("static-int8 needs calibration batches from a data source; none was given")
+            data = calibration_data(str(source), cfg)
+            batches = calibration_batches(data, cfg, tokenizer, str(source), block)
+            calibrated_on = {"source": data.source, "batches": len(batches), "batch_shape": list(batches[0].shape)}
+        else:
+            batches = calibration(tokenizer, block)
         linears = {n: m for n, m in root.named_modules() if is_linear(m)}
-        ranges = input_ranges(run, linears, calibration(tokenizer, loaded.model.config.block_size))
+        ranges = input_ranges(run, linears, batches)
     info = quantize_model(root, cfg, embedding, head, ranges)
+    if calibrated_on:
+        info["calibration"] = calibrated_on
     tensors, aliases = quantized_state(root, info)
     info["aliases"] = aliases
     info["source"] = {"model": str(source), "kind": loaded.kind}
@@ -96,7 +104,7 @@ def quantize_to_dir(source: str, out: str | Path, cfg: QuantConfig, calibration=
     n_linear = sum(1 for s in info["modules"].values() if s["type"] != "int8-embedding")
     return {"out": str(out), "kind": config["kind"], "method": cfg.method,
             "quantized_modules": len(info["modules"]), "quantized_linear": n_linear,
-            "float_modules": info["float_modules"], "float_bytes": float_bytes,
+            "float_modules": info["float_modules"], "float_bytes": float_bytes, "calibration": calibrated_on,
             "file_bytes": written["weights"]["bytes"], "size_ratio": written["weights"]["bytes"] / float_bytes}
 
 

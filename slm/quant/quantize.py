@@ -48,7 +48,8 @@ class QuantConfig:
                 "module ending in .NAME, globs allowed (e.g. lm_head, transformer.wte, 'transformer.h.0.*')"})
     group_size: int = field(default=64, metadata={"help": "inputs per int4 group (weight-int4)"})
     calib_data: str | None = field(default=None, metadata={
-        "help": "static-int8: data source to calibrate on (default: the training stream, wiki-vital)"})
+        "help": "static-int8: data source whose train split it calibrates on (default: the data of the "
+                "training run --model names, else wiki-vital)"})
     calib_batches: int = field(default=16, metadata={"help": "static-int8: calibration batches"})
     calib_batch_size: int = field(default=4, metadata={"help": "static-int8: sequences per calibration batch"})
     calib_seq_len: int = field(default=256, metadata={
