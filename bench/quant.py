@@ -307,7 +307,7 @@ def quality_section(work: Path, args, result: dict) -> None:
         m = open_model(path)
         r = split_loss(loss_module(m, path), 256, data, "val")
         row = {"name": name, "perplexity": r["perplexity"], "eval_tokens": r["tokens"],
-               "file_bytes": sum(p.stat().st_size for p in Path(path).glob("*.safetensors"))}
+               "file_bytes": sum(p.stat().st_size for p in Path(m.path).glob("*.safetensors"))}
         row["perplexity_change"] = row["perplexity"] / out[0]["perplexity"] - 1 if out else 0.0
         out.append(row)
         print(f"{name:<44} ppl {row['perplexity']:9.3f}  {row['perplexity_change']:+7.2%}  "

@@ -54,7 +54,10 @@ def weights_bytes(spec: str) -> int | None:
     if path.is_file():
         return path.stat().st_size
     if path.is_dir():
-        return sum(p.stat().st_size for p in path.rglob("*") if p.suffix in WEIGHT_SUFFIXES and p.is_file())
+        from slm.train.checkpoints import OPTIMIZER_FILE  # a training checkpoint's AdamW state is not the model
+
+        return sum(p.stat().st_size for p in path.rglob("*")
+                   if p.suffix in WEIGHT_SUFFIXES and p.name != OPTIMIZER_FILE and p.is_file())
     from slm.interop.hf_causal import ALIASES, resolve_alias
 
     return resolve_alias(spec).stat().st_size if spec in ALIASES else None
@@ -93,7 +96,7 @@ def measure(spec: str, cfg: BenchConfig) -> dict:
         prefill, decode = max(prefill, stats.prefill_tok_s), max(decode, stats.decode_tok_s)
     row = {
         "model": spec, "kind": loaded.kind,
-        "file_bytes": weights_bytes(spec),
+        "file_bytes": weights_bytes(loaded.path if Path(spec).is_dir() else spec),  # a run dir: the checkpoint loaded
         "load_seconds": round(load_seconds, 3),
         "rss_baseline_bytes": baseline,
         "peak_rss_bytes": peak_rss_bytes(),
