@@ -36,6 +36,17 @@ def llama_dir(tmp_path):
     return tmp_path / "llama"
 
 
+def base_spec(which, gpt_dir, llama_dir, tmp_path):
+    """gpt: slm's own model; hf: a transformers directory; gguf: a GGUF file, which transformers
+    loads dequantized (a merged fine-tune of it must save like any transformers model)."""
+    if which != "gguf":
+        return gpt_dir if which == "gpt" else llama_dir
+    pytest.importorskip("gguf")
+    from slm.interop.export import export_gguf
+
+    return export_gguf(gpt_dir, tmp_path / "base.gguf", "f32")
+
+
 def train_a_little(model, steps=5):
     """Move the LoRA weights away from their no-op start (B = 0)."""
     model.train()
@@ -55,10 +66,10 @@ def logits(model, idx):
         return model(idx)[0]
 
 
-@pytest.mark.parametrize("which", ["gpt", "hf"])
+@pytest.mark.parametrize("which", ["gpt", "hf", "gguf"])
 def test_lora_adapter_merge_and_load(tmp_path, which, gpt_dir, llama_dir):
-    base = load_base(gpt_dir if which == "gpt" else llama_dir)
-    assert base.kind == which
+    base = load_base(base_spec(which, gpt_dir, llama_dir, tmp_path))
+    assert base.kind == ("gpt" if which == "gpt" else "hf")
     idx = torch.randint(0, 1000, (1, 12))
     before = logits(base.model, idx)
     peft_model = apply_lora(base.model, LoraSettings(lora_r=4, lora_alpha=8, lora_dropout=0.0))
@@ -88,10 +99,11 @@ def test_lora_adapter_merge_and_load(tmp_path, which, gpt_dir, llama_dir):
     adapted = open_model(out)
     assert torch.allclose(logits(adapted.model, idx), tuned, atol=1e-4)
     assert adapted.tokenizer.encode("Hello world") == [15496, 995]
-    if which == "hf":  # the merged model is a plain transformers directory, chat template included
+    if which != "gpt":  # the merged model is a plain transformers directory, chat template included
         plain = transformers.AutoModelForCausalLM.from_pretrained(out / "model")
+        assert getattr(plain.config, "quantization_config", None) is None
         assert torch.allclose(plain(idx).logits, tuned, atol=1e-4)
-        assert merged.is_chat and adapted.is_chat
+        assert merged.is_chat == adapted.is_chat == (which == "hf")
 
 
 @pytest.mark.parametrize("which", ["gpt", "hf"])

@@ -182,7 +182,7 @@ def gguf_config(source: str, gguf_file: str):
 def load_hf(spec: str | Path, device="cpu", dtype: torch.dtype | None = torch.float32) -> tuple[HFCausalLM, HFTokenizer]:
     """Load a Hugging Face causal LM: an alias, a .gguf file, a local directory or a hub id."""
     try:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
     except ImportError:
         raise SlmError("Hugging Face models need transformers: pip install 'slm[hf]'") from None
     spec = str(spec)
@@ -201,11 +201,24 @@ def load_hf(spec: str | Path, device="cpu", dtype: torch.dtype | None = torch.fl
         tok = AutoTokenizer.from_pretrained(source, **kw)
         if "gguf_file" in kw:
             kw["config"] = gguf_config(source, kw["gguf_file"])
+            kw["quantization_config"] = GgufConfig(gguf_file=kw["gguf_file"], dequantize=True)
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kw)
     except (OSError, ValueError) as e:
         raise SlmError(f"cannot load Hugging Face model {spec!r}: {str(e).splitlines()[0]}") from None
+    if "gguf_file" in kw:
+        plain_dense(model)
     model, tok = wrap_hf(model, tok, name)
     return model.to(device), tok
+
+
+def plain_dense(model: nn.Module) -> None:
+    """A GGUF file is loaded dequantized (slm trains and runs it in torch, with or without a GGUF
+    kernel installed), so every weight is an ordinary dense tensor; transformers still keeps its
+    GGUF quantizer attached, which makes `save_pretrained` refuse the model (a merged fine-tune of a
+    GGUF base could not be written). Detach it: the model is an ordinary one."""
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
 
 
 def wrap_hf(model: nn.Module, tok, name: str) -> tuple[HFCausalLM, HFTokenizer]:
