@@ -12,8 +12,9 @@ separate processes, so each one's peak memory is its own):
   tiny       an slm `tiny` GPT trained from scratch (`slm train`, wiki-vital, a few minutes), then
              the same LoRA pipeline on the synthetic data, before vs after.
 
-Run: .venv/bin/python bench/finetune.py [--parts bird synthetic tiny] [--eval-rows 64]
-Writes bench/results/finetune.json.
+Run: .venv/bin/python bench/finetune.py [--parts bird synthetic tiny] [--eval-rows 64] [--reuse]
+Writes bench/results/finetune.json (the parts run; other parts' earlier results are kept).
+Each step's JSON is kept in --work; with --reuse a step already there is not run again.
 """
 
 from __future__ import annotations
@@ -33,8 +34,15 @@ SLM = str(ROOT / ".venv" / "bin" / "slm")
 DEV = ROOT.parent / "shared" / "data" / "text_to_sql" / "dev.jsonl"
 
 
+REUSE = False  # --reuse: a step whose JSON is already in the work directory is not run again
+
+
 def slm(*args, log: Path) -> dict:
-    """Run `slm ARGS --json`; returns its JSON (stderr goes to `log`)."""
+    """Run `slm ARGS --json`; returns its JSON (stderr goes to `log`, the JSON beside it)."""
+    saved = log.with_suffix(".json")
+    if REUSE and saved.is_file():
+        print(f"  slm {args[0]}: reusing {saved}", file=sys.stderr)
+        return json.loads(saved.read_text())
     t0 = time.time()
     with open(log, "w") as err:
         out = subprocess.run([SLM, *map(str, args), "--json"], stdout=subprocess.PIPE, stderr=err, text=True)
@@ -42,6 +50,7 @@ def slm(*args, log: Path) -> dict:
         sys.exit(f"slm {args[0]} failed; see {log}:\n" + log.read_text()[-2000:])
     res = json.loads(out.stdout.strip().splitlines()[-1])
     res["process_seconds"] = round(time.time() - t0, 1)
+    saved.write_text(json.dumps(res) + "\n")
     print(f"  slm {args[0]} done in {res['process_seconds']:.0f} s", file=sys.stderr)
     return res
 
@@ -121,7 +130,10 @@ def main() -> None:
     ap.add_argument("--pretrain-minutes", type=float, default=15.0)
     ap.add_argument("--work", default=str(ROOT / "bench" / "work-finetune"), help="scratch directory (kept for logs)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "finetune.json"))
+    ap.add_argument("--reuse", action="store_true", help="reuse the JSON of steps already run in --work")
     args = ap.parse_args()
+    global REUSE
+    REUSE = args.reuse
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     if "bird" in args.parts and not DEV.is_file():
@@ -129,19 +141,23 @@ def main() -> None:
     syn_train, syn_eval = work / "syn_train.jsonl", work / "syn_eval.jsonl"
     subprocess.run([SLM, "sql-data", "--out", syn_train, "--n", "3000", "--seed", "0"], check=True)
     subprocess.run([SLM, "sql-data", "--out", syn_eval, "--n", str(args.eval_rows), "--seed", "1"], check=True)
-    results = {"machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-                           "load_average_start": os.getloadavg()}, "steps": args.steps}
+    # Parts run at different times; each keeps its own machine state, and a run of some parts
+    # leaves the others' results in the file.
+    out = Path(args.out)
+    results = json.loads(out.read_text()) if out.is_file() else {}
     for part in args.parts:
         print(f"== {part}", file=sys.stderr)
+        machine = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+                   "load_average_start": os.getloadavg(), "steps": args.steps, "eval_rows": args.eval_rows,
+                   "date": time.strftime("%Y-%m-%d")}
         if part == "bird":
             results["bird"] = part_bird(work, args.eval_rows, syn_eval, args.steps)
         elif part == "synthetic":
             results["synthetic"] = part_synthetic(work, args.eval_rows, syn_train, syn_eval, args.steps)
         else:
             results["tiny"] = part_tiny(work, args.eval_rows, syn_train, syn_eval, args.steps, args.pretrain_minutes)
-        Path(args.out).write_text(json.dumps(results, indent=1) + "\n")
-    results["machine"]["load_average_end"] = os.getloadavg()
-    Path(args.out).write_text(json.dumps(results, indent=1) + "\n")
+        results[part]["machine"] = {**machine, "load_average_end": os.getloadavg()}
+        out.write_text(json.dumps(results, indent=1) + "\n")
     print(f"{'part':<10} {'before EA':>10} {'after EA':>9} {'before EM':>10} {'after EM':>9} {'invalid b/a':>12}")
     for part in args.parts:
         r = results[part]

@@ -9,9 +9,12 @@
 3. quality: a trained tiny model (`slm train` on wiki-vital; `make demo`'s run when present, else
    trained here) on the held-out val split, perplexity of fp32
    against every method and head/embedding choice. Target: <= 2 % rise for the default.
-4. SmolLM2-135M (the offline alias, dequantized to fp32) against its int8 copy: decode >= 1.5x.
+4. SmolLM2-135M against its int8 copy: the SQL fine-tune given by --sql-model (scored on
+   --sql-data), else the offline alias dequantized to fp32. Targets: decode >= 1.5x, execution
+   accuracy drop <= 2 points.
 
 Run: .venv/bin/python bench/quant.py [--sections kernels,gpt2,quality,smollm2] [--tiny-model DIR] [--rounds N]
+                                     [--sql-model DIR --sql-data FILE]
 Writes bench/results/quant.json.
 """
 
@@ -214,6 +217,8 @@ def main() -> None:
     ap.add_argument("--tiny-model", default="demo-out/tiny-wiki-vital",
                     help="trained tiny model or run directory; trained with `slm train` when missing")
     ap.add_argument("--tiny-steps", type=int, default=400, help="steps of `slm train` when training the tiny model")
+    ap.add_argument("--sql-model", help="SmolLM2 SQL fine-tune (slm finetune --merge output) for the smollm2 section")
+    ap.add_argument("--sql-data", help="text-to-SQL JSONL scoring the smollm2 section's models (execution accuracy)")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "quant.json"))
     args = ap.parse_args()
     result = {"machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
@@ -319,23 +324,31 @@ def quality_section(work: Path, args, result: dict) -> None:
 
 
 def smollm2_section(work: Path, args, result: dict) -> None:
-    """SmolLM2-135M: the alias (a GGUF file) saved once as an fp32 HF directory, then quantized."""
-    from slm.interop.hf_causal import load_hf
+    """SmolLM2-135M against its int8 copy: the SQL fine-tune given by --sql-model (an `slm finetune
+    --merge` output, scored on --sql-data), else the alias (a GGUF file) saved once as fp32."""
+    if args.sql_model:
+        src, what = Path(args.sql_model), f"SQL fine-tune {args.sql_model}"
+    else:
+        from slm.interop.hf_causal import load_hf
 
-    model, tok = load_hf("smollm2-135m-instruct")
-    src = work / "smollm2-fp32"
-    model.hf.save_pretrained(src)
-    tok.hf.save_pretrained(src)
-    del model
-    print("== SmolLM2-135M-Instruct (fp32 from the offline GGUF) against int8", flush=True)
+        model, tok = load_hf("smollm2-135m-instruct")
+        src, what = work / "smollm2-fp32", "SmolLM2-135M-Instruct (fp32 from the offline GGUF)"
+        model.hf.save_pretrained(src)
+        tok.hf.save_pretrained(src)
+        del model
+    print(f"== {what} against int8", flush=True)
     smol = model_rows(work, {"fp32": (str(src), None), "dynamic-int8": (str(src), QuantConfig()),
                              "weight-int4": (str(src), QuantConfig(method="weight-int4"))},
-                      BenchConfig(rounds=args.rounds))
+                      BenchConfig(rounds=args.rounds, sql_data=args.sql_data))
     print_models(smol)
-    result["smollm2"] = smol
+    result["smollm2"] = {"model": what, "sql_data": args.sql_data, "rows": smol}
     x = smol[1]["ratios"]["decode_tok_s"]
-    result["targets_smollm2"] = {"decode_x": x, "decode_ok": x >= 1.5}
-    print("target (SmolLM2 int8 decode >= 1.5x fp32):", result["targets_smollm2"], flush=True)
+    targets = {"decode_x": x, "decode_ok": x >= 1.5}
+    if args.sql_data:
+        drop = 100 * (smol[0]["execution_accuracy"] - smol[1]["execution_accuracy"])
+        targets.update(ea_drop_points=drop, ea_ok=drop <= 2.0)
+    result["targets_smollm2"] = targets
+    print("targets (SmolLM2 int8: decode >= 1.5x fp32, execution accuracy drop <= 2 points):", targets, flush=True)
 
 
 if __name__ == "__main__":
