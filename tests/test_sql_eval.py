@@ -76,6 +76,10 @@ def test_test_suite_for_schema_only_contexts():
     # The same seed builds the same databases.
     again = prepare_suite(SCHEMA, GOLD, seed=1, limits=Limits(), n_databases=3)
     assert [g.rows for g in again.gold] == [g.rows for g in suite.gold]
+    # A gold query no filling makes return rows cannot be judged (any empty answer would match):
+    # it is excluded and reported, not scored.
+    with pytest.raises(ContextError, match="no rows on any generated database"):
+        prepare_suite(SCHEMA, "SELECT game FROM sales WHERE num_sales > 1 AND num_sales < 0", 1, Limits())
 
 
 def test_context_rows_are_used_when_present_and_broken_contexts_refused():

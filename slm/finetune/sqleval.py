@@ -142,7 +142,7 @@ def evaluate(examples: list[Example], reply: Callable[[list[dict]], str], cfg: E
         "skipped_reasons": skipped,
         "method": methods,  # "context rows" or "test suite" -> examples judged that way
         "test_suite_databases": cfg.databases,
-        "gold_empty_everywhere": gold_empty,  # examples whose gold result is empty on every database
+        "gold_empty_everywhere": gold_empty,  # judged on context rows where the gold result is empty
         "seconds": round(time.perf_counter() - t0, 1),
         "examples": shown,
     }

@@ -303,7 +303,8 @@ def prepare_suite(context: str, gold_sql: str, seed: int, limits: Limits, n_data
                   tries: int = 3) -> Suite:
     """The databases to judge a prediction on: the context itself when it has rows, else
     `n_databases` seeded fillings (up to `tries` candidates each, preferring ones where the gold
-    query returns rows, which tell right from wrong far better than empty results)."""
+    query returns rows, which tell right from wrong far better than empty results). A gold query
+    that returns rows on none of them is a ContextError: any empty answer would match it."""
     if not context.strip():
         raise ContextError("no context (CREATE TABLE statements) to build a database from")
     try:
@@ -337,6 +338,11 @@ def prepare_suite(context: str, gold_sql: str, seed: int, limits: Limits, n_data
         for c, _ in candidates:
             c.close()
         raise
+    if not any(g.rows for _, g in candidates):
+        # Every prediction that selects nothing would "match": no verdict is better than a false one.
+        for c, _ in candidates:
+            c.close()
+        raise ContextError("gold query returns no rows on any generated database: execution cannot judge it")
     # Databases where the gold query returns rows first, then empty ones if needed.
     candidates.sort(key=lambda cg: not cg[1].rows)
     for c, _ in candidates[n_databases:]:
