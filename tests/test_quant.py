@@ -570,3 +570,13 @@ def test_eval_puts_batches_where_a_quantized_model_is(small_gpt, text_corpus, tm
         r = evaluation.evaluate_model(str(tmp_path / "q"), DataConfig(source=str(text_corpus)), max_tokens=64,
                                       batch_size=1)
     assert r["tokens"] == 64 and r["perplexity"] > 1
+
+
+def test_auto_method_by_model_family(hf_llama, small_gpt, tmp_path):
+    """The default picks per family what kept quality in bench/quant.py, and records the method it used."""
+    hf = quantize_to_dir(str(hf_llama[0]), tmp_path / "h", QuantConfig())
+    gpt = quantize_to_dir(str(small_gpt), tmp_path / "g", QuantConfig())
+    assert (hf["method"], gpt["method"]) == ("weight-int8", "dynamic-int8")
+    assert json.loads((tmp_path / "h" / "config.json").read_text())["quantization"]["method"] == "weight-int8"
+    with pytest.raises(SlmError, match="choose auto or one of"):
+        QuantConfig(method="int3")

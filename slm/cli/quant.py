@@ -43,7 +43,7 @@ def cmd_quantize(args) -> int:
     if args.json:
         print(json.dumps(summary))
         return 0
-    print(f"wrote {summary['out']} ({summary['kind']}, {cfg.method}): {summary['quantized_modules']} modules quantized, "
+    print(f"wrote {summary['out']} ({summary['kind']}, {summary['method']}): {summary['quantized_modules']} modules quantized, "
           f"{len(summary['float_modules'])} kept float {summary['float_modules'][:4]}")
     print(f"weights {summary['file_bytes'] / 1e6:.1f} MB, {summary['size_ratio']:.0%} of fp32 "
           f"({summary['float_bytes'] / 1e6:.1f} MB)")

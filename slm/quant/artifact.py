@@ -35,7 +35,7 @@ from slm.checkpoint import (CONFIG_FILE, FORMAT, FORMAT_VERSION, TensorFile, mod
 from slm.errors import SlmError
 from slm.loading import LoadedModel, open_model
 from slm.quant.quantize import (TABLE, QuantConfig, build_module, is_linear, linear_weight, quantize_model,
-                                quantized_state, set_module)
+                                quantized_state, resolve_method, set_module)
 
 GPT_KIND = "gpt-quantized"
 HF_KIND = "hf-quantized"
@@ -71,6 +71,7 @@ def quantize_to_dir(source: str, out: str | Path, cfg: QuantConfig, calibration=
         embedding, head = module_names(root)
     else:
         raise SlmError(f"{source}: quantizing a {type(loaded.model).__name__} is not supported")
+    cfg = resolve_method(cfg, root)
     tokenizer = loaded.tokenizer
     float_bytes = sum(t.numel() * 4 for t in unique_tensors(root))
 
