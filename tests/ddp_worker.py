@@ -1,8 +1,10 @@
 """Run by test_train_distributed.py, alone or under torchrun: a few training steps on a fixed
 global batch, each rank taking its slice, so 1 process and N processes see the same data."""
 
+import faulthandler
 import json
 import sys
+import weakref
 
 import torch
 
@@ -28,6 +30,7 @@ class RankSlice(RandomBatches):
 
 
 def main(out: str, mode: str, steps: int) -> None:
+    faulthandler.dump_traceback_later(240, exit=True)  # a hang prints every thread's stack before the test's timeout
     torch.set_num_threads(1)
     info = D.setup("cpu")
     torch.manual_seed(0)
@@ -37,9 +40,12 @@ def main(out: str, mode: str, steps: int) -> None:
     tc = TrainConfig(max_steps=steps, dtype="fp32", lr=1e-2, warmup_steps=1, eval_every=0, eval_batches=2,
                      ckpt_minutes=None, fsdp=mode == "fsdp", batch_size=GLOBAL_BATCH // info.world_size)
     trainer = Trainer(task, tc, out, info)
+    wrapper = weakref.ref(trainer.module)
     if "--resume" in sys.argv:
         trainer.resume()
     summary = trainer.fit()
+    # DDP's Reducer must be gone before teardown, or the process may hang at exit (Trainer.fit says why)
+    assert mode != "ddp" or wrapper() is None, "the DDP wrapper outlived fit()"
     if info.is_main:
         print(json.dumps(summary))
     D.teardown()

@@ -325,6 +325,11 @@ class Trainer:
             if close:
                 close()
             self.metrics.close()
+            # DDP's C++ Reducer holds the process group: let it go now, so that teardown's
+            # destroy_process_group drops the group's last reference and joins gloo's threads without the
+            # GIL. Dropped later (with this Trainer), the Reducer joins them holding the GIL, and a thread
+            # still freeing the last collective's tensors (which takes the GIL) waits forever.
+            self.module = self.task.module
         return self.summary()
 
     def _after_step(self, r: StepResult) -> None:
