@@ -20,7 +20,11 @@ import platform
 import time
 from pathlib import Path
 
-import torch
+from slm.cli import before_torch
+
+before_torch()  # as the slm command does, before torch is imported
+
+import torch  # noqa: E402
 
 from slm.checkpoint import model_tensors
 from slm.config import preset

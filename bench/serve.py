@@ -32,7 +32,11 @@ import time
 from pathlib import Path
 
 import openai
-import torch
+from slm.cli import before_torch
+
+before_torch()  # as the slm command does, before torch is imported
+
+import torch  # noqa: E402
 
 from slm.checkpoint import save_model
 from slm.config import preset
