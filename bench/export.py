@@ -35,11 +35,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from slm.cli import before_torch
-
-before_torch()  # as the slm command does, before torch is imported
-
-import torch  # noqa: E402
+import torch
 
 from slm.checkpoint import load_model, save_model
 from slm.config import preset

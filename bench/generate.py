@@ -20,11 +20,7 @@ import platform
 import time
 from pathlib import Path
 
-from slm.cli import before_torch
-
-before_torch()  # as the slm command does, before torch is imported
-
-import torch  # noqa: E402
+import torch
 
 from slm.checkpoint import model_tensors
 from slm.config import preset

@@ -31,9 +31,9 @@ import time
 import warnings
 from pathlib import Path
 
-from slm.cli import before_torch
+from slm.cli import passive_omp_threads
 
-before_torch()  # as the slm command does, before torch is imported
+passive_omp_threads()  # as the slm command does, before torch is imported
 
 import torch  # noqa: E402
 import torch.nn as nn

@@ -32,11 +32,7 @@ import time
 from pathlib import Path
 
 import openai
-from slm.cli import before_torch
-
-before_torch()  # as the slm command does, before torch is imported
-
-import torch  # noqa: E402
+import torch
 
 from slm.checkpoint import save_model
 from slm.config import preset

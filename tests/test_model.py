@@ -1,5 +1,3 @@
-import platform
-
 import pytest
 import torch
 
@@ -75,22 +73,6 @@ def test_inference_layout_keeps_logits(tiny_model):
     ref, _ = tiny_model(idx)
     out, _ = for_inference(tiny_model)(idx)
     assert torch.allclose(out, ref, atol=1e-5)
-
-
-@pytest.mark.skipif(not (torch.backends.mkldnn.is_available() and platform.machine() in ("x86_64", "AMD64")),
-                    reason="oneDNN packing is used on x86 builds of torch only")
-def test_inference_layout_packs_fp32_projections_for_all_cores(tiny_model):
-    from slm.inference import PackedLinear, TransposedLinear
-
-    bf16 = for_inference(GPT(tiny_config()).to(torch.bfloat16))
-    for_inference(tiny_model)
-    block = tiny_model.transformer.h[0]
-    assert {type(m) for m in (block.attn.c_attn, block.attn.c_proj, block.mlp.c_fc, block.mlp.c_proj)} == {PackedLinear}
-    assert type(tiny_model.lm_head) is PackedLinear  # the embedding keeps a dense copy for lookups
-    assert torch.equal(tiny_model.lm_head.weight(), tiny_model.transformer.wte.weight)
-    assert type(bf16.transformer.h[0].mlp.c_fc) is TransposedLinear  # oneDNN packing is for fp32 here
-    x = torch.randn(1, tiny_model.config.n_embd)  # the one-row product of decoding
-    assert torch.allclose(block.mlp.c_fc(x), x @ block.mlp.c_fc.weight().t() + block.mlp.c_fc.bias, atol=1e-5)
 
 
 def _greedy(model, prompt, n, kv):

@@ -13,7 +13,6 @@ from datautil import make_docs, write_parquet
 from slm.checkpoint import save_model
 from slm.errors import SlmError
 from slm.generate import SamplingConfig, generate
-from slm.inference import packs_with_onednn
 from slm.loading import open_model
 from slm.model import GPT
 from slm.quant import kernels
@@ -234,9 +233,8 @@ def test_head_and_embedding_choices(trained, tmp_path):
         with torch.no_grad():
             assert rel(m(cycle[:30][None])[0], fp32(cycle[:30][None])[0]) < 0.05
         types = (type(m.lm_head).__name__, type(m.transformer.wte).__name__)
-        fp32_head = "PackedLinear" if packs_with_onednn(nn.Linear(1, 1)) else "TransposedLinear"
-        assert types == {"both": ("Int8Linear", "Int8Embedding"), "head-fp32": (fp32_head, "Int8Embedding"),
-                         "emb-fp32": ("Int8Linear", "Embedding"), "neither": (fp32_head, "Embedding")}[name]
+        assert types == {"both": ("Int8Linear", "Int8Embedding"), "head-fp32": ("TransposedLinear", "Int8Embedding"),
+                         "emb-fp32": ("Int8Linear", "Embedding"), "neither": ("TransposedLinear", "Embedding")}[name]
     # One int8 table when tied; an fp32 one (4 bytes a weight) plus int8 when only one is excluded.
     assert sizes["both"] < sizes["neither"] < sizes["head-fp32"]
     from safetensors import safe_open

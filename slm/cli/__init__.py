@@ -57,23 +57,8 @@ def passive_omp_threads() -> None:
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
-def huge_page_weights() -> None:
-    """Put torch's large CPU tensors (weights) on transparent huge pages, unless the user chose.
-
-    Decoding streams every weight once per token; with 4 KiB pages the TLB misses cost gpt2's
-    fp32 decode ~25 % of its speed on a 2-core AVX-512 CPU (bench/README.md, export.py). torch
-    reads THP_MEM_ALLOC_ENABLE at its first allocation, so this too runs before it is imported."""
-    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
-
-
-def before_torch() -> None:
-    """The settings torch reads once: the `slm` command and the benchmarks call this first."""
-    passive_omp_threads()
-    huge_page_weights()
-
-
 def main(argv: list[str] | None = None) -> int:
-    before_torch()
+    passive_omp_threads()
     quiet_third_party_logs()
     parser = build_parser()
     args = parser.parse_args(argv)
