@@ -13,6 +13,7 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 from slm.config import ModelConfig
 
@@ -107,6 +108,7 @@ class GPT(nn.Module):
         )
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.lm_head.weight = self.transformer.wte.weight  # weight tying
+        self.checkpoint_blocks = False  # activation checkpointing, for training with less memory
         self.apply(self._init_weights)
         # GPT-2 scales the residual projections by 1/sqrt(2 * n_layer).
         for name, p in self.named_parameters():
@@ -141,7 +143,10 @@ class GPT(nn.Module):
         pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
         for i, block in enumerate(self.transformer.h):
-            x = block(x, cache, i)
+            if self.checkpoint_blocks and self.training and cache is None:  # recomputed in the backward pass
+                x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x, cache, i)
         if cache is not None:
             cache.pos += T
         return self.transformer.ln_f(x)

@@ -100,19 +100,23 @@ def test_resume_continues_exactly(tmp_path, gpt_dir, sql_data):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_cli_finetune_json_and_eval_sql_on_a_hf_model(tmp_path, sql_data, capsys):
+def _tiny_llama(path):
     from slm.interop.hf import gpt2_hf_tokenizer
 
     torch.manual_seed(0)
     cfg = transformers.LlamaConfig(vocab_size=50257, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
-    transformers.LlamaForCausalLM(cfg).save_pretrained(tmp_path / "llama")
+    transformers.LlamaForCausalLM(cfg).save_pretrained(path)
     tok = gpt2_hf_tokenizer()
     tok.chat_template = "{% for m in messages %}<{{ m.role }}>{{ m.content }}\n{% endfor %}" \
                         "{% if add_generation_prompt %}<assistant>{% endif %}"
-    tok.save_pretrained(tmp_path / "llama")
+    tok.save_pretrained(path)
+    return path
+
+
+def test_cli_finetune_json_and_eval_sql_on_a_hf_model(tmp_path, sql_data, capsys):
     out = tmp_path / "ft"
-    code = main(["finetune", "--base", str(tmp_path / "llama"), "--data", str(sql_data), "--out", str(out),
+    code = main(["finetune", "--base", str(_tiny_llama(tmp_path / "llama")), "--data", str(sql_data), "--out", str(out),
                  "--max-steps", "3", "--batch-size", "2", "--max-seq-len", "512", "--merge", "--json",
                  "--eval-every", "0", "--lora-r", "2"])
     summary = json.loads(capsys.readouterr().out)
@@ -123,6 +127,16 @@ def test_cli_finetune_json_and_eval_sql_on_a_hf_model(tmp_path, sql_data, capsys
     report = json.loads(capsys.readouterr().out)
     assert code == 0 and report["n"] == 2 and {"execution_accuracy", "exact_match", "invalid_rate",
                                                "skipped_contexts"} <= set(report)
+
+
+@pytest.mark.parametrize("kind", ["slm", "hf"])
+def test_activation_checkpointing_trains_the_same_weights(tmp_path, gpt_dir, sql_data, kind):
+    base = gpt_dir if kind == "slm" else _tiny_llama(tmp_path / "llama")
+    runs = {ac: run_finetune(base, sql_data, tmp_path / f"ac-{ac}", 3, activation_checkpointing=ac)
+            for ac in (False, True)}
+    assert runs[True]["final_val_loss"] == pytest.approx(runs[False]["final_val_loss"], abs=1e-6)
+    a, b = (read_tensors(tmp_path / f"ac-{ac}" / "adapter" / "adapter_model.safetensors") for ac in (False, True))
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
 
 
 def test_refusals(tmp_path, gpt_dir, sql_data):

@@ -39,6 +39,9 @@ class FinetuneConfig:
     holdout_max: int = field(default=64, metadata={"help": "held-out examples at most"})
     limit: int | None = field(default=None, metadata={"help": "read at most N examples of --data"})
     merge: bool = field(default=False, metadata={"help": "also write OUT/model: the base with the adapter merged in"})
+    activation_checkpointing: bool = field(default=False, metadata={
+        "help": "keep only each layer's input and recompute the rest in the backward pass: much less memory "
+                "for more compute (SmolLM2-135M LoRA, 3 x 768 tokens, CPU: peak 7.2 -> 2.7 GB, 0.72x the speed)"})
 
     def __post_init__(self):
         if self.max_seq_len < 8:

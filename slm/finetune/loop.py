@@ -32,7 +32,7 @@ from slm.finetune.artifact import Base, finetune_config, load_base, save_standal
 from slm.finetune.config import FinetuneConfig, FinetuneTrainConfig, LoraSettings
 from slm.finetune.data import load_examples, split_holdout
 from slm.finetune.encode import IGNORE, BatchSampler, Encoded, collate, encode_all
-from slm.finetune.lora import apply_lora, inner_module, save_adapter, trainable_share
+from slm.finetune.lora import apply_lora, checkpoint_activations, inner_module, save_adapter, trainable_share
 from slm.model import GPT
 from slm.train.losses import linear_cross_entropy
 from slm.train.loop import Trainer, TrainTask
@@ -150,6 +150,8 @@ def finetune(fcfg: FinetuneConfig, lcfg: LoraSettings, tcfg: FinetuneTrainConfig
             f"{enc_stats.truncated} truncated, {enc_stats.dropped} dropped (> {fcfg.max_seq_len} tokens); "
             f"held out {len(val_enc)} val + {len(test_enc)} test")
         torch.manual_seed(tcfg.seed)
+        if fcfg.activation_checkpointing:
+            checkpoint_activations(base.model)
         peft_model = None
         if fcfg.method == "lora":
             peft_model = apply_lora(base.model, lcfg)

@@ -54,6 +54,17 @@ def apply_lora(model: nn.Module, s: LoraSettings):
         raise SlmError(f"cannot add LoRA layers: {str(e).splitlines()[0]}") from None
 
 
+def checkpoint_activations(model: nn.Module) -> None:
+    """Train keeping only each layer's input; the layer reruns in the backward pass. The
+    non-reentrant form replays dropout exactly and needs no gradient on the (frozen) inputs."""
+    if isinstance(model, GPT):
+        model.checkpoint_blocks = True
+    elif hasattr(model.hf, "activation_checkpointing_enable"):  # transformers >= 5.x's name
+        model.hf.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 def trainable_share(model: nn.Module) -> tuple[int, int]:
     """(trainable, total) parameters, each shared tensor counted once."""
     seen, trainable, total = set(), 0, 0
