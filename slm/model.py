@@ -3,7 +3,8 @@ self-attention (PyTorch SDPA) and a GELU MLP, a final LayerNorm, and a head tied
 embedding. GPT-2's architecture, named as nanoGPT names it, so it reads top to bottom.
 
 An optional `KVCache` lets generation feed one token at a time instead of re-reading the
-whole context; the model knows nothing about tokenizers or sampling (see generate.py).
+whole context (slm/inference.py can run those steps in native kernels: Block.decode_step); the
+model knows nothing about tokenizers or sampling (see generate.py).
 """
 
 from __future__ import annotations
@@ -15,16 +16,17 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
+from slm import kernels
 from slm.config import ModelConfig
 
 
 class KVCache:
-    """Keys and values of every layer, preallocated for the whole context window."""
+    """Keys and values of every layer, preallocated for the whole context window: one
+    (2, batch, n_head, block_size, head_dim) tensor per layer, so one copy stores both."""
 
     def __init__(self, config: ModelConfig, batch_size: int = 1, device=None, dtype=torch.float32):
-        shape = (batch_size, config.n_head, config.block_size, config.head_dim)
-        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
-        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
+        shape = (2, batch_size, config.n_head, config.block_size, config.head_dim)
+        self.kv = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
         self.pos = 0  # number of positions filled
         self.capacity = config.block_size
 
@@ -44,28 +46,27 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x, cache: KVCache | None = None, layer: int = 0):
         B, T, C = x.shape
-        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
-        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hd)
-        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
-        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        # (3, B, nh, T, hd): q, k and v as views of one tensor (few ops: decoding is op-bound)
+        qkv = self.c_attn(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)
         mask, causal = None, True
         if cache is not None:
             start = cache.pos
-            cache.k[layer][:, :, start : start + T] = k
-            cache.v[layer][:, :, start : start + T] = v
-            k = cache.k[layer][:, :, : start + T]
-            v = cache.v[layer][:, :, : start + T]
+            cache.kv[layer][:, :, :, start : start + T] = qkv[1:]
+            q = qkv[0]
+            k, v = cache.kv[layer][:, :, :, : start + T].to(q.dtype).unbind(0)
             if T == 1:
                 causal = False  # one new query may see every cached key
             elif start > 0:
                 # A chunk appended to a non-empty cache: query i sees keys up to start + i.
                 causal = False
                 mask = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(diagonal=start)
+        else:
+            q, k, v = qkv.unbind(0)
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=causal, dropout_p=self.dropout if self.training else 0.0
         )
-        y = y.transpose(1, 2).contiguous().view(B, T, C)
-        return self.resid_dropout(self.c_proj(y))
+        y = self.c_proj(y.transpose(1, 2).reshape(B, T, C))
+        return self.resid_dropout(y) if self.training else y
 
 
 class MLP(nn.Module):
@@ -77,7 +78,8 @@ class MLP(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x):
-        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
+        y = self.c_proj(self.gelu(self.c_fc(x)))
+        return self.dropout(y) if self.training else y
 
 
 class Block(nn.Module):
@@ -88,9 +90,22 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
 
+        self.fused_decode = False  # set by slm/inference.py where its layers allow
+
     def forward(self, x, cache: KVCache | None = None, layer: int = 0):
+        if self.fused_decode and cache is not None and x.shape[1] == 1:
+            return self.decode_step(x, cache, layer)
         x = x + self.attn(self.ln_1(x), cache, layer)
         return x + self.mlp(self.ln_2(x))
+
+    def decode_step(self, x, cache: KVCache, layer: int):
+        """forward() for one new position in slm's native kernels (slm/kernels), in six calls
+        instead of ~30: each LayerNorm and residual add fused into a product's call (linear
+        layers with `fused`, as slm/inference.py sets up), attention and the cache update in one."""
+        qkv = self.attn.c_attn.fused(x, norm=self.ln_1)
+        x = self.attn.c_proj.fused(kernels.decode_attention(qkv, cache.kv[layer], cache.pos), residual=x)
+        h = self.mlp.gelu(self.mlp.c_fc.fused(x, norm=self.ln_2))
+        return self.mlp.c_proj.fused(h, residual=x)
 
 
 class GPT(nn.Module):
@@ -109,6 +124,7 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.lm_head.weight = self.transformer.wte.weight  # weight tying
         self.checkpoint_blocks = False  # activation checkpointing, for training with less memory
+        self.cache_dtype = None  # the KV cache's dtype when not the weights' (quantized models: fp16)
         self.apply(self._init_weights)
         # GPT-2 scales the residual projections by 1/sqrt(2 * n_layer).
         for name, p in self.named_parameters():
@@ -131,7 +147,7 @@ class GPT(nn.Module):
 
     def make_cache(self, batch_size: int = 1) -> KVCache:
         w = self.transformer.wpe.weight  # float even when the token table is quantized
-        return KVCache(self.config, batch_size, w.device, w.dtype)
+        return KVCache(self.config, batch_size, w.device, self.cache_dtype or w.dtype)
 
     def hidden_states(self, idx, cache: KVCache | None = None):
         """Final-LayerNorm outputs (B, T, n_embd): everything but the head. Training computes

@@ -66,7 +66,7 @@ def test_int8_linear_every_kernel_matches_fp32(linear, activation):
     ref = linear(x).detach()
     q, s = quantize_int8(linear.weight)
     rng = torch.tensor([float(x.min()), float(x.max())]) if activation == "static" else None
-    kernels_here = working(["fbgemm", "int_mm", "int8pack", "reference"])
+    kernels_here = working(["native", "fbgemm", "int_mm", "int8pack", "reference"])
     outs = {}
     for k in kernels_here:
         layer = Int8Linear(q, s, linear.bias, activation, rng, kernel=k)
@@ -118,16 +118,42 @@ def test_int8_embedding():
     assert emb(idx).shape == (1, 3, 16) and rel(emb(idx), w[idx]) < 0.01
 
 
-def test_fallback_when_the_deprecated_kernel_is_gone(linear, monkeypatch):
-    """If a later torch drops torch.ao's fbgemm ops, int8 layers still build and agree."""
+def test_fallback_when_neither_native_nor_fbgemm_is_here(linear, monkeypatch):
+    """No C++ compiler for slm's kernel, and a later torch without torch.ao's fbgemm ops: int8
+    layers still build and agree."""
     q, s = quantize_int8(linear.weight)
     x = torch.randn(3, 128)
+    monkeypatch.setitem(kernels.AVAILABLE, "native", lambda: False)
     monkeypatch.setitem(kernels.AVAILABLE, "fbgemm", lambda: False)
     layer = Int8Linear(q, s, linear.bias, "dynamic")
     assert layer.kernel in ("int_mm", "reference")
     assert rel(layer(x), linear(x).detach()) < INT8_TOL
     monkeypatch.setenv("SLM_QUANT_KERNEL", "reference")
     assert Int8Linear(q, s, linear.bias, "dynamic").kernel == "reference"
+
+
+@pytest.mark.skipif(not kernels.has_native(), reason="slm's kernel did not build here")
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 9])
+@pytest.mark.parametrize("activation", ["dynamic", "static"])
+def test_native_kernel_is_exact_int8_math(rows, activation):
+    """Shapes off the kernel's tiles (37 outputs, 130 inputs), every row count of its inner
+    loop: the result equals uint8 activations times int8 weights computed in Python."""
+    torch.manual_seed(rows)
+    w, b = torch.randn(37, 130) * 0.05, torch.randn(37)
+    x = torch.randn(rows, 130) * 2 + 0.5
+    q, s = quantize_int8(w)
+    lo, hi = min(float(x.min()), 0.0), max(float(x.max()), 0.0)
+    layer = Int8Linear(q, s, b, activation, torch.tensor([lo, hi]) if activation == "static" else None, kernel="native")
+    assert layer.kernel == "native" and torch.equal(layer.tensors()["qweight"], q)
+    # uint8 codes with a zero point: one range per row (dynamic) or the calibrated one (static)
+    lo_ = x.amin(1, keepdim=True).clamp(max=0) if activation == "dynamic" else torch.full((rows, 1), lo)
+    hi_ = x.amax(1, keepdim=True).clamp(min=0) if activation == "dynamic" else torch.full((rows, 1), hi)
+    xs = (hi_ - lo_) / 255
+    xz = torch.round(-lo_ / xs)
+    xq = (torch.round(x / xs) + xz).clamp(0, 255)
+    expected = ((xq - xz).double() @ q.double().t()) * xs.double() * s.double() + b.double()
+    assert torch.allclose(layer(x).double(), expected, rtol=1e-5, atol=1e-5)
+    assert rel(layer(x), x @ w.t() + b) < INT8_TOL
 
 
 @pytest.mark.parametrize("backend", [types.SimpleNamespace(), types.SimpleNamespace(engine="qnnpack")])

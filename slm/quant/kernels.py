@@ -4,6 +4,9 @@ Quantized layers (layers.py) keep portable tensors: int8 weights with one fp32 s
 output channel, or int4 groups. How they are multiplied is decided when a layer is built,
 from what this torch provides (measured on the 124M model at batch 1: bench/quant.py):
 
+- "native": slm's own int8 kernel (slm/kernels), built for this CPU on first use: it splits a
+  batch-1 product over torch's threads, which no torch kernel does, and streams weights packed
+  for AVX512-VNNI (plain vectorized loops elsewhere). The same math as fbgemm's.
 - "fbgemm": the x86 int8 GEMM behind torch.ao's dynamic quantization
   (`quantized::linear_dynamic`, and `quantized::linear_with_input_q_dq_qweight_dq_output_fp32`
   for a calibrated input scale). torch.ao.quantization is deprecated in favour of torchao;
@@ -26,6 +29,8 @@ import os
 import warnings
 
 import torch
+
+from slm import kernels as native
 
 FBGEMM_ENGINES = ("x86", "fbgemm")
 
@@ -57,6 +62,11 @@ def has_fbgemm() -> bool:
     return _works(probe)
 
 
+def has_native() -> bool:
+    """slm's own kernels, when they build here (a C++ compiler is needed; slm/kernels)."""
+    return native.available()
+
+
 @functools.lru_cache(maxsize=None)
 def has_int_mm() -> bool:
     return _works(lambda: torch._int_mm(torch.ones(1, 8, dtype=torch.int8), torch.ones(4, 8, dtype=torch.int8).t()))
@@ -78,7 +88,7 @@ def has_int4pack() -> bool:
     return _works(probe)
 
 
-AVAILABLE = {"fbgemm": has_fbgemm, "int_mm": has_int_mm, "int8pack": has_int8pack, "int4pack": has_int4pack, "reference": lambda: True}
+AVAILABLE = {"native": has_native, "fbgemm": has_fbgemm, "int_mm": has_int_mm, "int8pack": has_int8pack, "int4pack": has_int4pack, "reference": lambda: True}
 
 
 def pick(candidates: tuple[str, ...], kernel: str | None = None) -> str:

@@ -6,8 +6,8 @@ The math, in one place:
   [0, 15], scale and zero per (output, group) in bf16 (torch's CPU int4 kernel's convention).
 - activations of int8 layers: "dynamic" quantizes each input row on the fly; "static" uses
   the input range [lo, hi] measured on calibration data (calibrate.py), as uint8 with a zero
-  point for fbgemm and symmetric int8 elsewhere; "weight" leaves them in floating point
-  (bf16 into the weight-only kernel).
+  point for the native and fbgemm kernels and symmetric int8 elsewhere; "weight" leaves them
+  in floating point (bf16 into the weight-only kernel).
 
 Each layer keeps or rebuilds the portable tensors (`tensors()`, what an artifact stores) and
 runs with the fastest kernel this torch offers (kernels.py), chosen when it is built.
@@ -19,11 +19,12 @@ import torch
 import torch.nn as nn
 
 from slm.errors import SlmError
+from slm import kernels as native
 from slm.quant import kernels
 
 INT8_KERNELS = {
-    "dynamic": ("fbgemm", "int_mm", "reference"),
-    "static": ("fbgemm", "int_mm", "reference"),
+    "dynamic": ("native", "fbgemm", "int_mm", "reference"),
+    "static": ("native", "fbgemm", "int_mm", "reference"),
     "weight": ("int8pack", "reference"),
 }
 INT4_KERNELS = ("int4pack", "reference")
@@ -83,7 +84,7 @@ def _as_2d(x: torch.Tensor) -> torch.Tensor:
 class Int8Linear(nn.Module):
     """`nn.Linear` with int8 weights, per-channel scales, and dynamic, static or no
     activation quantization. A tied head passes the embedding's tensors (shared, not copied,
-    except that the fbgemm kernel keeps its own packed copy)."""
+    except that the native and fbgemm kernels keep their own packed copy)."""
 
     def __init__(self, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None,
                  activation: str = "dynamic", input_range: torch.Tensor | None = None, kernel: str | None = None):
@@ -100,12 +101,17 @@ class Int8Linear(nn.Module):
         self.register_buffer("input_range", None if input_range is None else input_range.float())
         if input_range is not None:
             lo, hi = min(float(input_range[0]), 0.0), max(float(input_range[1]), 0.0)
-            levels = 127 if kernels.fbgemm_reduce_range() else 255  # see fbgemm_reduce_range
-            self._uint8_scale = max(hi - lo, 1e-12) / levels  # fbgemm: uint8 with a zero point
+            levels = 127 if self.kernel == "fbgemm" and kernels.fbgemm_reduce_range() else 255  # see there
+            self._uint8_scale = max(hi - lo, 1e-12) / levels  # native and fbgemm: uint8 with a zero point
             self._uint8_zero = int(round(-lo / self._uint8_scale))
             self._int8_scale = max(-lo, hi, 1e-12) / 127  # elsewhere: symmetric
         self._packed = None
-        if self.kernel == "fbgemm":
+        if self.kernel == "native":
+            self._packed = native.pack_int8(qweight)
+            self._row_sums = qweight.sum(dim=1, dtype=torch.int32)
+            self._native_input = (self._uint8_scale, self._uint8_zero) if activation == "static" else (0.0, 0)
+            self.qweight = None  # the packed copy holds the weights; tensors() unpacks them
+        elif self.kernel == "fbgemm":
             self._packed = kernels.fbgemm_pack(qweight, self.scale, self.bias)
             self.qweight = None  # fbgemm holds the weights; tensors() unpacks them
         else:  # int8pack loads weights with aligned SIMD loads: copy a misaligned tensor
@@ -113,6 +119,8 @@ class Int8Linear(nn.Module):
         self._scale_bf16 = self.scale.to(torch.bfloat16) if self.kernel == "int8pack" else None
 
     def weight_int8(self) -> torch.Tensor:
+        if self.kernel == "native":
+            return native.unpack_int8(self._packed, self.out_features, self.in_features)
         return self.qweight if self.qweight is not None else kernels.fbgemm_unpack(self._packed)
 
     def tensors(self) -> dict[str, torch.Tensor]:
@@ -131,7 +139,19 @@ class Int8Linear(nn.Module):
             s = (x.abs().amax(dim=-1, keepdim=True) / 127).clamp_(min=1e-12)
         return torch.round(x / s).clamp_(-127, 127).to(torch.int8), s
 
+    @property
+    def fusable(self) -> bool:  # see slm.model.Block.decode_step
+        return self.kernel == "native"
+
+    def fused(self, x: torch.Tensor, norm: nn.LayerNorm | None = None, residual: torch.Tensor | None = None):
+        """`residual + self(norm(x))` in one call (the native kernel only)."""
+        return native.linear_int8(x, self._packed, self.scale, self._row_sums, self.bias, self.out_features,
+                                  *self._native_input, norm, residual)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kernel == "native":  # any leading dims, in one call (decoding is bound by per-op costs)
+            return native.linear_int8(x, self._packed, self.scale, self._row_sums, self.bias, self.out_features,
+                                      *self._native_input)
         if self.kernel == "fbgemm":  # any leading dims; fbgemm adds the bias
             if self.activation == "dynamic":
                 return kernels.fbgemm_dynamic(x.float(), self._packed)
