@@ -7,6 +7,8 @@ meaningful; the speed is the same) is saved as an slm directory, exported with
 256 new tokens greedily after the same 16-token prompt, batch 1, --threads threads (2), best of
 N runs:
   slm-fp32        slm's generate loop, KV cache, decode layout (slm generate's default)
+  slm-fp32-native the same with SLM_FP32_KERNEL=native: slm's native fp32 kernel and fused
+                  decoding step (slm/inference.py; not the default, see there)
   slm-int8        the same loop on `slm quantize`'s default (dynamic int8) copy of the model
   llamacpp-f32    llama.cpp (llama-cpp-python) on the f32 GGUF
   llamacpp-q8_0   llama.cpp on the q8_0 GGUF
@@ -34,6 +36,7 @@ import platform
 import tempfile
 import time
 from pathlib import Path
+from unittest import mock
 
 import torch
 
@@ -139,6 +142,10 @@ def main() -> None:
         export_hf(model_dir, tmp / "hf")
         slm_model = for_inference(load_model(model_dir)[0])
         rows = [slm_row(slm_model, prompt, n, args.repeats)]
+        with mock.patch.dict(os.environ, {"SLM_FP32_KERNEL": "native"}):
+            native = for_inference(load_model(model_dir)[0])
+        rows.append({**slm_row(native, prompt, n, args.repeats), "name": "slm-fp32-native"})
+        del native
         quantize_to_dir(str(model_dir), tmp / "gpt2-int8", QuantConfig())  # slm's default int8 method
         rows.append({**slm_row(open_model(tmp / "gpt2-int8").model, prompt, n, args.repeats), "name": "slm-int8"})
         # Text the model itself samples: what perplexity is measured on.
@@ -163,11 +170,13 @@ def main() -> None:
 
     ratios = {"slm_fp32_over_transformers": ratio("slm-fp32", "transformers")}
     ratios["slm_int8_over_slm_fp32"] = ratio("slm-int8", "slm-fp32")
+    ratios["slm_int8_over_slm_fp32_native"] = ratio("slm-int8", "slm-fp32-native")
     if have_llama:
         ratios["slm_int8_over_llamacpp_q8_0"] = ratio("slm-int8", "llamacpp-q8_0")
         ratios["slm_int8_over_llamacpp_q8_0_cpu_time"] = ratio("slm-int8", "llamacpp-q8_0", "cpu_tok_s")
         ratios["slm_fp32_over_llamacpp_f32"] = ratio("slm-fp32", "llamacpp-f32")
         ratios["slm_fp32_over_llamacpp_f32_cpu_time"] = ratio("slm-fp32", "llamacpp-f32", "cpu_tok_s")
+        ratios["slm_fp32_native_over_llamacpp_f32"] = ratio("slm-fp32-native", "llamacpp-f32")
         ratios["llamacpp_q8_0_over_f32"] = ratio("llamacpp-q8_0", "llamacpp-f32")
     result = {
         "machine": {"cpu": platform.processor() or platform.machine(), "threads": threads,
@@ -183,10 +192,10 @@ def main() -> None:
                                          "q8_0_relative_change": round(ppl["q8_0"] / ppl["f32"] - 1, 5)}
     print(f"gpt2 124M, batch 1, 16 + {n} tokens, {threads} threads, best of {args.repeats}, "
           f"load average {os.getloadavg()[0]:.1f}")
-    print(f"{'row':<15}{'tok/s':>8}{'decode tok/s':>14}{'cpu tok/s':>11}  greedy tokens == slm")
+    print(f"{'row':<16}{'tok/s':>8}{'decode tok/s':>14}{'cpu tok/s':>11}  greedy tokens == slm")
     for r in rows:
         dec = f"{r['decode_tok_s']:.1f}" if r["decode_tok_s"] else "-"
-        print(f"{r['name']:<15}{r['tok_s']:>8.1f}{dec:>14}{r['cpu_tok_s']:>11.1f}  {r['same_tokens_as_slm']} "
+        print(f"{r['name']:<16}{r['tok_s']:>8.1f}{dec:>14}{r['cpu_tok_s']:>11.1f}  {r['same_tokens_as_slm']} "
               f"({r['tokens_agreeing_with_slm']} agree)")
     for k, v in result["ratios"].items():
         print(f"{k}: {v:.2f}x")

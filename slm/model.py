@@ -53,7 +53,7 @@ class CausalSelfAttention(nn.Module):
             start = cache.pos
             cache.kv[layer][:, :, :, start : start + T] = qkv[1:]
             q = qkv[0]
-            k, v = cache.kv[layer][:, :, :, : start + T].to(q.dtype).unbind(0)
+            k, v = cache.kv[layer][:, :, :, : start + T].unbind(0)
             if T == 1:
                 causal = False  # one new query may see every cached key
             elif start > 0:
@@ -124,7 +124,6 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.lm_head.weight = self.transformer.wte.weight  # weight tying
         self.checkpoint_blocks = False  # activation checkpointing, for training with less memory
-        self.cache_dtype = None  # the KV cache's dtype when not the weights' (quantized models: fp16)
         self.apply(self._init_weights)
         # GPT-2 scales the residual projections by 1/sqrt(2 * n_layer).
         for name, p in self.named_parameters():
@@ -147,7 +146,7 @@ class GPT(nn.Module):
 
     def make_cache(self, batch_size: int = 1) -> KVCache:
         w = self.transformer.wpe.weight  # float even when the token table is quantized
-        return KVCache(self.config, batch_size, w.device, self.cache_dtype or w.dtype)
+        return KVCache(self.config, batch_size, w.device, w.dtype)
 
     def hidden_states(self, idx, cache: KVCache | None = None):
         """Final-LayerNorm outputs (B, T, n_embd): everything but the head. Training computes

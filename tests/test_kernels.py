@@ -69,16 +69,15 @@ def test_int8_linear_fused_equals_its_parts():
 
 
 @needs_kernels
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_decode_attention_matches_sdpa_and_fills_the_cache(dtype):
+def test_decode_attention_matches_sdpa_and_fills_the_cache():
     torch.manual_seed(0)
     B, H, L, D, pos = 2, 3, 40, 16, 29
-    kv = torch.randn(2, B, H, L, D).to(dtype)
+    kv = torch.randn(2, B, H, L, D)
     qkv = torch.randn(B, 1, 3 * H * D)
     expected_kv = kv.clone()
     q, k, v = qkv.view(B, 1, 3, H, D).permute(2, 0, 3, 1, 4)
     expected_kv[:, :, :, pos : pos + 1] = torch.stack([k, v])
-    ref = F.scaled_dot_product_attention(q, *expected_kv[:, :, :, : pos + 1].float().unbind(0))
+    ref = F.scaled_dot_product_attention(q, *expected_kv[:, :, :, : pos + 1].unbind(0))
     y = kernels.decode_attention(qkv, kv, pos)
     assert torch.equal(kv, expected_kv)
     assert torch.allclose(y, ref.transpose(1, 2).reshape(B, 1, H * D), atol=1e-5)
@@ -122,18 +121,14 @@ def test_unknown_fp32_kernel_is_refused(tiny_model, monkeypatch):
 
 
 @needs_kernels
-def test_quantized_model_decodes_in_the_fused_step_with_an_fp16_cache(tmp_path):
+def test_quantized_model_decodes_in_the_fused_step(tmp_path):
     torch.manual_seed(0)
     src = save_model(tmp_path / "fp", GPT(tiny_config()))
     quantize_to_dir(str(src), tmp_path / "q8", QuantConfig())
     model = open_model(tmp_path / "q8").model
     assert all(block.fused_decode for block in model.transformer.h)
-    assert model.make_cache().kv[0].dtype == torch.float16
     idx = torch.randint(0, 50257, (1, 20))
     fused = _logits_step_by_step(model, idx)
     for block in model.transformer.h:
         block.fused_decode = False
     assert torch.allclose(fused, _logits_step_by_step(model, idx), atol=1e-4)  # the same math, unfused
-    with torch.inference_mode():
-        full, _ = model(idx)  # no cache: fp32 attention; the fp16 cache moves logits by little
-    assert (fused - full).abs().max() < 1e-2 * full.abs().max()

@@ -232,9 +232,7 @@ def materialize(root: nn.Module, q: dict, f: TensorFile) -> None:
 
 
 def load_gpt_quantized(path: Path, device=None, dtype=None) -> LoadedModel:
-    """An slm GPT quantized artifact, on the CPU (where its kernels run), decode layout, with an
-    fp16 KV cache: at long contexts decoding reads the cache about as much as the int8 weights,
-    and fp16 halves that (llama.cpp's default cache is fp16 too)."""
+    """An slm GPT quantized artifact, on the CPU (where its kernels run), decode layout."""
     from slm.inference import for_inference
     from slm.model import GPT
     from slm.tokenizer import get_tokenizer
@@ -247,7 +245,6 @@ def load_gpt_quantized(path: Path, device=None, dtype=None) -> LoadedModel:
     with torch.device("meta"):
         model = GPT(art.model)
     materialize(model, q, f)
-    model.cache_dtype = torch.float16
     return LoadedModel(for_inference(model), tokenizer, path.name, GPT_KIND, str(path), art.raw)
 
 

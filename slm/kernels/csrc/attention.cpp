@@ -3,22 +3,16 @@
 // Decoding a token runs a dozen small tensor ops per layer around attention (split the fused
 // q/k/v projection, store k and v in the cache, slice it, attend, merge the heads); on a CPU
 // each costs more in dispatch than in arithmetic. This is those ops as one, with the same math
-// as torch's scaled_dot_product_attention (softmax of q.k / sqrt(head_dim), in fp32). The cache
-// may be stored in fp16 (quantized models: at long contexts decoding reads the cache about as
-// much as the weights, and fp16 halves it, as llama.cpp's default cache does).
+// as torch's scaled_dot_product_attention (softmax of q.k / sqrt(head_dim), fp32).
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <c10/util/Half.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <vector>
-#if defined(__AVX512F__)
-#include <immintrin.h>
-#endif
 
 namespace {
 
@@ -35,41 +29,27 @@ inline float dot(const float* a, const float* b, int64_t n) {
   return total;
 }
 
-// A cached row as fp32: the row itself, or converted into `buf`.
-inline const float* row(const float* r, int64_t, float*) { return r; }
-inline const float* row(const c10::Half* r, int64_t n, float* buf) {
-  int64_t i = 0;
-#if defined(__AVX512F__)
-  for (; i + 16 <= n; i += 16) _mm512_storeu_ps(buf + i, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(r + i))));
-#endif
-  for (; i < n; i++) buf[i] = float(r[i]);
-  return buf;
-}
-
-template <typename T>
-void attend(const float* in, T* cache, float* out, int64_t B, int64_t H, int64_t L, int64_t D, int64_t pos) {
+void attend(const float* in, float* cache, float* out, int64_t B, int64_t H, int64_t L, int64_t D, int64_t pos) {
   const int64_t C = H * D;
   const float scale = 1.f / std::sqrt(float(D));
   at::parallel_for(0, B * H, 1, [&](int64_t i0, int64_t i1) {
-    std::vector<float> p(static_cast<size_t>(pos + 1)), buf(static_cast<size_t>(D));
+    std::vector<float> p(static_cast<size_t>(pos + 1));
     for (int64_t i = i0; i < i1; i++) {
       const int64_t b = i / H, h = i % H;
       const float* q = in + b * 3 * C + h * D;
-      T* keys = cache + ((0 * B + b) * H + h) * L * D;
-      T* values = cache + ((1 * B + b) * H + h) * L * D;
-      for (int64_t d = 0; d < D; d++) {
-        keys[pos * D + d] = T(q[C + d]);
-        values[pos * D + d] = T(q[2 * C + d]);
-      }
+      float* keys = cache + ((0 * B + b) * H + h) * L * D;
+      float* values = cache + ((1 * B + b) * H + h) * L * D;
+      std::copy(q + C, q + C + D, keys + pos * D);
+      std::copy(q + 2 * C, q + 2 * C + D, values + pos * D);
       float top = -INFINITY;
-      for (int64_t j = 0; j <= pos; j++) top = std::max(top, p[j] = dot(q, row(keys + j * D, D, buf.data()), D) * scale);
+      for (int64_t j = 0; j <= pos; j++) top = std::max(top, p[j] = dot(q, keys + j * D, D) * scale);
       float sum = 0.f;
       for (int64_t j = 0; j <= pos; j++) sum += p[j] = std::exp(p[j] - top);
       float* o = out + b * C + h * D;
       std::fill(o, o + D, 0.f);
       for (int64_t j = 0; j <= pos; j++) {
         const float w = p[j] / sum;
-        const float* v = row(values + j * D, D, buf.data());
+        const float* v = values + j * D;
         for (int64_t d = 0; d < D; d++) o[d] += w * v[d];
       }
     }
@@ -77,20 +57,15 @@ void attend(const float* in, T* cache, float* out, int64_t B, int64_t H, int64_t
 }
 
 // qkv (B, 1, 3C): the fused projection of the new position; kv (2, B, H, L, D): the layer's
-// cache (fp32 or fp16), whose position `pos` receives the new key and value. Returns (B, 1, C),
-// heads merged.
+// cache, whose position `pos` receives the new key and value. Returns (B, 1, C), heads merged.
 at::Tensor decode_attention(const at::Tensor& qkv, at::Tensor kv, int64_t pos) {
-  TORCH_CHECK(qkv.scalar_type() == at::kFloat, "decode_attention takes fp32 projections");
-  TORCH_CHECK(kv.scalar_type() == at::kFloat || kv.scalar_type() == at::kHalf, "the cache must be fp32 or fp16");
+  TORCH_CHECK(qkv.scalar_type() == at::kFloat && kv.scalar_type() == at::kFloat, "decode_attention is fp32");
   TORCH_CHECK(qkv.is_contiguous() && kv.is_contiguous() && qkv.dim() == 3 && qkv.size(1) == 1 && kv.dim() == 5,
               "decode_attention takes one new position (B, 1, 3C) and a contiguous (2, B, H, L, D) cache");
   const int64_t B = kv.size(1), H = kv.size(2), L = kv.size(3), D = kv.size(4);
   TORCH_CHECK(qkv.size(0) == B && qkv.size(2) == 3 * H * D && pos >= 0 && pos < L, "decode_attention: shapes disagree");
   auto y = at::empty({B, 1, H * D}, qkv.options());
-  if (kv.scalar_type() == at::kHalf)
-    attend(qkv.data_ptr<float>(), kv.data_ptr<c10::Half>(), y.data_ptr<float>(), B, H, L, D, pos);
-  else
-    attend(qkv.data_ptr<float>(), kv.data_ptr<float>(), y.data_ptr<float>(), B, H, L, D, pos);
+  attend(qkv.data_ptr<float>(), kv.data_ptr<float>(), y.data_ptr<float>(), B, H, L, D, pos);
   return y;
 }
 
