@@ -24,6 +24,7 @@ import functools
 import hashlib
 import os
 import platform
+import sys
 import warnings
 from pathlib import Path
 
@@ -67,6 +68,9 @@ def load() -> str | None:
         name = build_name()
         directory = cache_dir() / name
         directory.mkdir(parents=True, exist_ok=True)
+        if not (directory / f"{name}.so").exists():
+            print(f"slm: compiling its native CPU kernels for this machine (once, ~15 s) into {directory}",
+                  file=sys.stderr, flush=True)
         # Builds only when the library is missing (a file lock guards concurrent builds), then loads it.
         cpp_extension.load(name, [str(s) for s in SOURCES], extra_cflags=_cflags(), extra_ldflags=["-fopenmp"],
                            build_directory=str(directory), is_python_module=False)
