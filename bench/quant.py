@@ -89,10 +89,13 @@ def kernel_rows(repeats: int, compile_: bool) -> list[dict]:
                 "first_call_s": round(setup, 2)}
 
     rows = []
-    from slm.inference import TransposedLinear
+    from slm import kernels
+    from slm.inference import PackedLinear, TransposedLinear
 
     rows.append(row("fp32, (in, out) layout (slm decode layout)", [TransposedLinear(l) for l in linears]))
     rows.append(row("fp32, nn.Linear", linears))
+    if kernels.available():
+        rows.append(row("fp32, slm native kernel (SLM_FP32_KERNEL=native)", [PackedLinear(l) for l in linears]))
 
     def slm_int8(activation, kernel):
         out = []
@@ -101,7 +104,9 @@ def kernel_rows(repeats: int, compile_: bool) -> list[dict]:
             out.append(Int8Linear(q, s, lin.bias, activation, kernel=kernel))
         return out
 
-    rows.append(row("slm dynamic-int8, fbgemm (default)", slm_int8("dynamic", "fbgemm")))
+    if kernels.available():
+        rows.append(row("slm dynamic-int8, slm native kernel (default)", slm_int8("dynamic", "native")))
+    rows.append(row("slm dynamic-int8, fbgemm (fallback without a C++ compiler)", slm_int8("dynamic", "fbgemm")))
     rows.append(row("slm dynamic-int8, torch._int_mm (fallback)", slm_int8("dynamic", "int_mm")))
     rows.append(row("slm weight-int8, aten._weight_int8pack_mm (bf16 act.)", slm_int8("weight", "int8pack")))
     int4 = []
