@@ -43,6 +43,8 @@ class TransposedLinear(nn.Module):
 class PackedLinear(nn.Module):
     """`nn.Linear` with its weight in the tiles of slm's fp32 kernel (`kernels.pack_fp32`)."""
 
+    fusable = True  # has `fused`, for Block.decode_step
+
     def __init__(self, linear: nn.Linear):
         super().__init__()
         self.out_features, self.in_features = linear.weight.shape
@@ -52,8 +54,6 @@ class PackedLinear(nn.Module):
     def weight(self) -> torch.Tensor:
         """The (out, in) weight, unpacked (a copy)."""
         return self.packed.transpose(1, 2).reshape(-1, self.in_features)[: self.out_features]
-
-    fusable = True  # see Block.decode_step
 
     def forward(self, x):
         return kernels.linear_fp32(x, self.packed, self.bias, self.out_features)

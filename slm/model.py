@@ -89,11 +89,10 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(config)
         self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
-
         self.fused_decode = False  # set by slm/inference.py where its layers allow
 
     def forward(self, x, cache: KVCache | None = None, layer: int = 0):
-        if self.fused_decode and cache is not None and x.shape[1] == 1:
+        if self.fused_decode and cache is not None and x.shape[1] == 1 and not self.training:
             return self.decode_step(x, cache, layer)
         x = x + self.attn(self.ln_1(x), cache, layer)
         return x + self.mlp(self.ln_2(x))
