@@ -9,6 +9,8 @@
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
+#include "rows.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -18,19 +20,6 @@
 #endif
 
 namespace {
-
-constexpr int64_t LANES = 16;  // partial sums kept apart so the compiler vectorizes the dot products
-
-inline float dot(const float* a, const float* b, int64_t n) {
-  float s[LANES] = {0};
-  int64_t i = 0;
-  for (; i + LANES <= n; i += LANES)
-    for (int64_t l = 0; l < LANES; l++) s[l] += a[i + l] * b[i + l];
-  float total = 0.f;
-  for (; i < n; i++) total += a[i] * b[i];
-  for (int64_t l = 0; l < LANES; l++) total += s[l];
-  return total;
-}
 
 // x[i] = exp(x[i] - shift), returning their sum. libm's exp is scalar; with AVX-512 this is
 // Cephes' expf polynomial 16 at a time (within 2 ulp: the inputs are <= 0, so no overflow).
@@ -73,7 +62,7 @@ void attend(const float* in, float* cache, float* out, int64_t B, int64_t H, int
       std::copy(q + C, q + C + D, keys + pos * D);
       std::copy(q + 2 * C, q + 2 * C + D, values + pos * D);
       float top = -INFINITY;
-      for (int64_t j = 0; j <= pos; j++) top = std::max(top, p[j] = dot(q, keys + j * D, D) * scale);
+      for (int64_t j = 0; j <= pos; j++) top = std::max(top, p[j] = slm_rows::dot(q, keys + j * D, D) * scale);
       const float inv = 1.f / exp_shifted(p.data(), pos + 1, top);
       float* o = out + b * C + h * D;
       std::fill(o, o + D, 0.f);

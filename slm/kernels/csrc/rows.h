@@ -1,6 +1,7 @@
-// Row-wise pieces the linear kernels fuse around their product when decoding: a LayerNorm of
-// each input row before it, and a residual added after it. Fusing them saves a tensor op and a
-// Python call each, which on a CPU cost more than the arithmetic (slm/inference.py).
+// Row-wise pieces the kernels share: vectorizable sums and dot products, and what the linear
+// kernels fuse around their product when decoding, a LayerNorm of each input row before it and
+// a residual added after it. Fusing them saves a tensor op and a Python call each, which on a
+// CPU cost more than the arithmetic (slm/inference.py).
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -11,31 +12,30 @@
 
 namespace slm_rows {
 
-constexpr int64_t LANES = 16;  // partial sums kept apart, so the compiler vectorizes the sums
-
-inline float sum(const float* x, int64_t n) {
+// sum of term(i) for i < n, in 16 partial sums: the compiler may not reorder a float sum kept
+// in one accumulator, but vectorizes 16 independent ones.
+template <typename Term>
+inline float lane_sum(int64_t n, Term term) {
+  constexpr int64_t LANES = 16;
   float s[LANES] = {0};
   int64_t i = 0;
   for (; i + LANES <= n; i += LANES)
-    for (int64_t l = 0; l < LANES; l++) s[l] += x[i + l];
+    for (int64_t l = 0; l < LANES; l++) s[l] += term(i + l);
   float total = 0.f;
-  for (; i < n; i++) total += x[i];
+  for (; i < n; i++) total += term(i);
   for (int64_t l = 0; l < LANES; l++) total += s[l];
   return total;
 }
 
+inline float dot(const float* a, const float* b, int64_t n) {
+  return lane_sum(n, [=](int64_t i) { return a[i] * b[i]; });
+}
+
 // out = LayerNorm(x) * weight + bias (bias optional), as torch's layer_norm computes it.
 inline void layer_norm(const float* x, int64_t n, const float* weight, const float* bias, double eps, float* out) {
-  const float mean = sum(x, n) / float(n);
+  const float mean = lane_sum(n, [=](int64_t i) { return x[i]; }) / float(n);
   for (int64_t i = 0; i < n; i++) out[i] = x[i] - mean;
-  float sq[LANES] = {0};
-  int64_t i = 0;
-  for (; i + LANES <= n; i += LANES)
-    for (int64_t l = 0; l < LANES; l++) sq[l] += out[i + l] * out[i + l];
-  float var = 0.f;
-  for (; i < n; i++) var += out[i] * out[i];
-  for (int64_t l = 0; l < LANES; l++) var += sq[l];
-  const float inv = 1.f / std::sqrt(var / float(n) + float(eps));
+  const float inv = 1.f / std::sqrt(dot(out, out, n) / float(n) + float(eps));
   for (int64_t j = 0; j < n; j++) out[j] = out[j] * inv * weight[j] + (bias ? bias[j] : 0.f);
 }
 
