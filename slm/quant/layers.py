@@ -18,8 +18,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from slm.errors import SlmError
 from slm import kernels as native
+from slm.errors import SlmError
 from slm.quant import kernels
 
 INT8_KERNELS = {
@@ -150,8 +150,7 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kernel == "native":  # any leading dims, in one call (decoding is bound by per-op costs)
-            return native.linear_int8(x, self._packed, self.scale, self._row_sums, self.bias, self.out_features,
-                                      *self._native_input)
+            return self.fused(x)
         if self.kernel == "fbgemm":  # any leading dims; fbgemm adds the bias
             if self.activation == "dynamic":
                 return kernels.fbgemm_dynamic(x.float(), self._packed)
