@@ -40,7 +40,7 @@ from unittest import mock
 
 import torch
 
-from slm.checkpoint import load_model, save_model
+from slm.artifacts import load_model, save_model
 from slm.config import preset
 from slm.generate import GenerationStats, SamplingConfig, generate
 from slm.inference import for_inference

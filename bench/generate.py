@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from slm.checkpoint import model_tensors
+from slm.artifacts import model_tensors
 from slm.config import preset
 from slm.generate import GenerationStats, SamplingConfig, generate
 from slm.inference import for_inference

@@ -38,8 +38,8 @@ passive_omp_threads()  # as the slm command does, before torch is imported
 import torch  # noqa: E402
 import torch.nn as nn
 
-from slm.benchmark import BenchConfig, compare, weights_bytes  # noqa: E402
-from slm.checkpoint import save_model
+from slm.recipes.bench import BenchConfig, compare, weights_bytes  # noqa: E402
+from slm.artifacts import save_model
 from slm.config import preset
 from slm.model import GPT
 from slm.quant.artifact import quantize_to_dir
@@ -296,7 +296,7 @@ def quality_section(work: Path, args, result: dict) -> None:
     head/embedding choice (in this process: quality does not depend on the process)."""
     from slm.data import DataConfig, TokenStream
     from slm.loading import open_model
-    from slm.train.evaluation import loss_module, split_loss
+    from slm.recipes.evaluate import loss_module, split_loss
 
     src = args.tiny_model
     if not Path(src).exists():  # the same command a user runs; --seed fixes the result

@@ -34,7 +34,7 @@ from pathlib import Path
 import openai
 import torch
 
-from slm.checkpoint import save_model
+from slm.artifacts import save_model
 from slm.config import preset
 from slm.model import GPT
 

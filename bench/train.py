@@ -31,10 +31,10 @@ from pathlib import Path
 import torch
 
 from slm.config import preset
-from slm.train.config import TrainConfig
-from slm.train.hardware import cpu_matmul_peak, keep_freed_memory
-from slm.train.loop import Trainer
-from slm.train.pretrain import RandomBatches, gpt_task
+from slm.engine.config import TrainConfig
+from slm.engine.hardware import cpu_matmul_peak, keep_freed_memory
+from slm.engine.trainer import Trainer
+from slm.recipes.pretrain import RandomBatches, gpt_task
 
 B, T = 8, 256
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}

@@ -35,7 +35,7 @@ ARTIFACT_LOADERS: dict[str, str] = {
 # Functions "module:function(path) -> Path | None" that map a directory which is not itself an
 # artifact (e.g. a training run) to the artifact directory to load.
 DIRECTORY_RESOLVERS: list[str] = [
-    "slm.train.checkpoints:find_model_dir",  # a training run: its best checkpoint, else its latest
+    "slm.engine.checkpoints:find_model_dir",  # a training run: its best checkpoint, else its latest
 ]
 
 
@@ -59,7 +59,7 @@ def _call(target: str, *args):
 
 
 def load_slm_gpt(path: Path, device, dtype) -> LoadedModel:
-    from slm.checkpoint import load_model
+    from slm.artifacts import load_model
     from slm.inference import for_inference
     from slm.tokenizer import get_tokenizer
 

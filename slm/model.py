@@ -149,7 +149,7 @@ class GPT(nn.Module):
 
     def hidden_states(self, idx, cache: KVCache | None = None):
         """Final-LayerNorm outputs (B, T, n_embd): everything but the head. Training computes
-        the head and the loss together from these (slm/train/losses.py)."""
+        the head and the loss together from these (slm/engine/losses.py)."""
         B, T = idx.shape
         start = cache.pos if cache is not None else 0
         if start + T > self.config.block_size:

@@ -8,10 +8,10 @@ import weakref
 
 import torch
 
-from slm.train import distributed as D
-from slm.train.config import TrainConfig
-from slm.train.loop import Trainer
-from slm.train.pretrain import RandomBatches, gpt_task
+from slm.engine import distributed as D
+from slm.engine.config import TrainConfig
+from slm.engine.trainer import Trainer
+from slm.recipes.pretrain import RandomBatches, gpt_task
 
 from trainutil import small_config
 

@@ -5,7 +5,7 @@ import json
 
 from datautil import mixed_folder
 from slm.cli import main
-from slm.cli.args import from_args
+from slm.cli.options import from_args
 from slm.cli.data import add_data_args
 from slm.data import DataConfig
 

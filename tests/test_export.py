@@ -13,7 +13,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 gguf = pytest.importorskip("gguf")
 
-from slm.checkpoint import load_model, model_tensors, save_model  # noqa: E402
+from slm.artifacts import load_model, model_tensors, save_model  # noqa: E402
 from slm.cli import main  # noqa: E402
 from slm.errors import SlmError  # noqa: E402
 from slm.generate import SamplingConfig, generate  # noqa: E402

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from slm.errors import SlmError
-from slm.finetune.data import detect_format, load_examples, split_holdout
-from slm.finetune.encode import IGNORE, BatchSampler, collate, encode_all, encode_example, prompt_and_completion_ids
-from slm.finetune.prompting import SYSTEM_PROMPT, compact_sql, prompt_messages
+from slm.tasks.examples import detect_format, load_examples, split_holdout
+from slm.tasks.encode import IGNORE, BatchSampler, collate, encode_all, encode_example, prompt_and_completion_ids
+from slm.tasks.sql.prompts import SYSTEM_PROMPT, compact_sql, prompt_messages
 from slm.tokenizer import get_tokenizer
 
 SCHEMA = "CREATE TABLE head (\n    id INTEGER primary key,\n    name   TEXT,  \"home  town\" TEXT\n);\n"

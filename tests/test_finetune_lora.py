@@ -5,11 +5,11 @@ import json
 import pytest
 import torch
 
-from slm.checkpoint import save_model
+from slm.artifacts import save_model
 from slm.errors import SlmError
 from slm.finetune.artifact import load_base, write_finetune
-from slm.finetune.config import LoraSettings
-from slm.finetune.lora import apply_lora, trainable_share
+from slm.recipes.config import LoraSettings
+from slm.lora import apply_lora, trainable_share
 from slm.loading import open_model
 
 transformers = pytest.importorskip("transformers")

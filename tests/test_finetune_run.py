@@ -6,15 +6,15 @@ import shutil
 import pytest
 import torch
 
-from slm.checkpoint import read_tensors, save_model
+from slm.artifacts import read_tensors, save_model
 from slm.cli import main
 from slm.config import ModelConfig
 from slm.errors import SlmError
 from slm.finetune.artifact import load_base
-from slm.finetune.encode import IGNORE
-from slm.finetune.config import FinetuneConfig, FinetuneTrainConfig, LoraSettings
-from slm.finetune.loop import CompletionLoss, finetune
-from slm.finetune.synthetic import generate_examples, write_jsonl
+from slm.tasks.encode import IGNORE
+from slm.recipes.config import FinetuneConfig, FinetuneTrainConfig, LoraSettings
+from slm.recipes.finetune import CompletionLoss, finetune
+from slm.tasks.sql.synthetic import generate_examples, write_jsonl
 from slm.loading import open_model
 from slm.model import GPT
 

@@ -5,7 +5,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from slm.checkpoint import load_model  # noqa: E402
+from slm.artifacts import load_model  # noqa: E402
 from slm.cli import main  # noqa: E402
 from slm.errors import SlmError  # noqa: E402
 from slm.interop.hf import load_hf_gpt2  # noqa: E402

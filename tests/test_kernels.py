@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from conftest import tiny_config
 from slm import kernels
-from slm.checkpoint import save_model
+from slm.artifacts import save_model
 from slm.generate import SamplingConfig, generate
 from slm.inference import PackedLinear, PackedEmbedding, for_inference, to_linear_layout
 from slm.loading import open_model

@@ -3,7 +3,7 @@ import json
 import pytest
 import torch
 
-from slm.checkpoint import save_model
+from slm.artifacts import save_model
 from slm.errors import SlmError
 from slm.generate import SamplingConfig, generate
 from slm.loading import open_model

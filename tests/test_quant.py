@@ -10,7 +10,7 @@ import torch.nn as nn
 
 from conftest import tiny_config
 from datautil import make_docs, write_parquet
-from slm.checkpoint import save_model
+from slm.artifacts import save_model
 from slm.errors import SlmError
 from slm.generate import SamplingConfig, generate
 from slm.loading import open_model
@@ -237,7 +237,7 @@ def test_gpt_quantize_save_load_round_trip(trained, tmp_path, method):
 def test_loaded_model_equals_the_quantized_one(trained, tmp_path):
     """Saving and loading changes nothing: the same tensors, the same logits."""
     src, fp32, cycle = trained
-    from slm.checkpoint import load_model
+    from slm.artifacts import load_model
 
     model, _ = load_model(src)
     quantize_model(model, QuantConfig(), "transformer.wte", "lm_head")
@@ -327,7 +327,7 @@ def small_gpt(tmp_path_factory):
 def test_static_int8_from_the_command_line(small_gpt, text_corpus, tmp_path, capsys):
     """`slm quantize --method static-int8 --calib-data SOURCE`: the input ranges saved are the
     ones the train split's first batches give."""
-    from slm.checkpoint import load_model
+    from slm.artifacts import load_model
     from slm.cli import main
     from slm.data import DataConfig
     from slm.inference import to_linear_layout
@@ -373,7 +373,7 @@ def test_static_int8_refuses_models_with_another_tokenizer(hf_llama, text_corpus
 def test_calibration_data_prefers_the_training_runs_data(small_gpt, tmp_path):
     from slm.data import DataConfig
     from slm.quant.calibrate import calibration_data
-    from slm.train.config import RunConfig, TrainConfig, save_run_config
+    from slm.engine.config import RunConfig, TrainConfig, save_run_config
 
     run = tmp_path / "run"
     (run / "step-0000010").mkdir(parents=True)
@@ -539,7 +539,7 @@ def test_bench_process_stays_lean_for_slm_models(quantized):
     import subprocess
     import sys
 
-    code = ("import sys; from slm.benchmark import BenchConfig, measure; "
+    code = ("import sys; from slm.recipes.bench import BenchConfig, measure; "
             f"measure({str(quantized)!r}, BenchConfig(prompt_tokens=8, new_tokens=4, repeats=1)); "
             "print(sorted(m for m in ('transformers', 'torchao', 'accelerate') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
@@ -550,10 +550,10 @@ def test_bench_perplexity_and_sql_accuracy(small_gpt, text_corpus, tmp_path, cap
     """`slm bench --data --sql-data`: the val split's perplexity as `slm eval` measures it, and
     execution accuracy with `slm eval-sql`'s evaluator (a random model's is ~0: it is the
     number's presence and range that is checked)."""
-    from slm.benchmark import table
+    from slm.recipes.bench import table
     from slm.cli import main
     from slm.data import DataConfig
-    from slm.train.evaluation import evaluate_model
+    from slm.recipes.evaluate import evaluate_model
 
     quantize_to_dir(str(small_gpt), tmp_path / "q", QuantConfig())
     sql = tmp_path / "sql.jsonl"
@@ -577,7 +577,7 @@ def test_bench_perplexity_and_sql_accuracy(small_gpt, text_corpus, tmp_path, cap
 def test_bench_data_refuses_models_with_another_tokenizer(hf_llama, text_corpus):
     """The data stream is GPT-2 token ids: a model reading another tokenizer's (this HF model's
     is its own, recorded under its name) is refused in one line, before any speed run."""
-    from slm.benchmark import BenchConfig, measure
+    from slm.recipes.bench import BenchConfig, measure
 
     with pytest.raises(SlmError, match="GPT-2 tokens, so its perplexity on --data would mean nothing"):
         measure(str(hf_llama[0]), BenchConfig(data=str(text_corpus), new_tokens=10_000))
@@ -586,7 +586,7 @@ def test_bench_data_refuses_models_with_another_tokenizer(hf_llama, text_corpus)
 def test_eval_puts_batches_where_a_quantized_model_is(small_gpt, text_corpus, tmp_path, monkeypatch):
     """`slm eval --device auto` on a GPU machine: a quantized model stays on the CPU, and so
     must its batches (here the GPU is pretended: moving a batch to it would fail)."""
-    import slm.train.evaluation as evaluation
+    import slm.recipes.evaluate as evaluation
     from slm.data import DataConfig
 
     quantize_to_dir(str(small_gpt), tmp_path / "q", QuantConfig())

@@ -23,7 +23,7 @@ except ImportError:
     httpx = pytest.importorskip("httpx")
 import uvicorn  # noqa: E402
 
-from slm.checkpoint import save_model  # noqa: E402
+from slm.artifacts import save_model  # noqa: E402
 from slm.generate import SamplingConfig, generate  # noqa: E402
 from slm.loading import open_model  # noqa: E402
 from slm.model import GPT  # noqa: E402

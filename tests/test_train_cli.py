@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from slm.cli import main
-from slm.train.metrics import read_metrics
+from slm.engine.metrics import read_metrics
 
 from datautil import corpus
 from trainutil import one_thread  # noqa: F401 (fixture)

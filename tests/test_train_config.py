@@ -5,7 +5,7 @@ import pytest
 from slm.cli import build_parser
 from slm.cli.train import layered_config
 from slm.errors import SlmError
-from slm.train.config import RUN_CONFIG_FILE, build_run_config, merge, read_config_file, save_run_config
+from slm.engine.config import RUN_CONFIG_FILE, build_run_config, merge, read_config_file, save_run_config
 
 
 def _args(*argv):

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import torch
 
-from slm.checkpoint import read_artifact, save_model
-from slm.cli.args import add_dataclass_args, from_args, given
+from slm.artifacts import read_artifact, save_model
+from slm.cli.options import add_dataclass_args, from_args, given
 from slm.config import PRESETS, ModelConfig, resolve_model_config
 from slm.loading import open_model, resolve_artifact_dir
 from slm.generate import GenerationStats, SamplingConfig, generate

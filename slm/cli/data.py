@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sys
 
-from slm.cli.args import add_dataclass_args, from_args
+from slm.cli.options import add_dataclass_args, from_args
 from slm.data.config import DataConfig
 
 # Flags that make no sense for inspecting (which reads in file order, in this process).

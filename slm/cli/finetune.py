@@ -5,15 +5,15 @@ from __future__ import annotations
 import json
 import sys
 
-from slm.cli.args import add_dataclass_args, from_args
-from slm.finetune.data import FORMATS
+from slm.cli.options import add_dataclass_args, from_args
+from slm.tasks.examples import FORMATS
 
 MODEL_HELP = ("model directory (slm, fine-tune output, training run, Hugging Face), hub id, .gguf file, "
               "or the alias smollm2-135m-instruct")
 
 
 def register(sub) -> None:
-    from slm.finetune.config import EvalSqlConfig, FinetuneConfig, FinetuneTrainConfig, LoraSettings
+    from slm.recipes.config import EvalSqlConfig, FinetuneConfig, FinetuneTrainConfig, LoraSettings
 
     p = sub.add_parser("finetune", help="fine-tune a model on examples (LoRA or full), with slm's training loop")
     add_dataclass_args(p, FinetuneConfig)
@@ -44,8 +44,8 @@ def register(sub) -> None:
 
 
 def cmd_finetune(args) -> int:
-    from slm.finetune.config import FinetuneConfig, FinetuneTrainConfig, LoraSettings
-    from slm.finetune.loop import finetune, print_summary
+    from slm.recipes.config import FinetuneConfig, FinetuneTrainConfig, LoraSettings
+    from slm.recipes.finetune import finetune, print_summary
 
     summary = finetune(from_args(FinetuneConfig, args), from_args(LoraSettings, args),
                        from_args(FinetuneTrainConfig, args), args.out, resume=args.resume)
@@ -58,9 +58,9 @@ def cmd_finetune(args) -> int:
 
 
 def cmd_eval_sql(args) -> int:
-    from slm.finetune.data import load_examples
-    from slm.finetune.config import EvalSqlConfig
-    from slm.finetune.sqleval import evaluate, model_replier
+    from slm.tasks.examples import load_examples
+    from slm.recipes.config import EvalSqlConfig
+    from slm.tasks.sql.scoring import evaluate, model_replier
     from slm.loading import open_model
     from slm.runtime import resolve_device
 
@@ -89,7 +89,7 @@ def cmd_eval_sql(args) -> int:
 
 
 def cmd_sql_data(args) -> int:
-    from slm.finetune.synthetic import generate_examples, write_jsonl
+    from slm.tasks.sql.synthetic import generate_examples, write_jsonl
 
     rows = generate_examples(args.n, args.seed, args.domains)
     write_jsonl(rows, args.out)

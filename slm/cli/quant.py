@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 import sys
 
-from slm.benchmark import BenchConfig, compare, table
-from slm.cli.args import add_dataclass_args, from_args
+from slm.recipes.bench import BenchConfig, compare, table
+from slm.cli.options import add_dataclass_args, from_args
 from slm.quant.quantize import QuantConfig
 
 MODEL_HELP = ("model directory, run directory, Hugging Face directory or hub id, .gguf file, "

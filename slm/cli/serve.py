@@ -6,7 +6,7 @@ import ipaddress
 import os
 import sys
 
-from slm.cli.args import add_dataclass_args, from_args
+from slm.cli.options import add_dataclass_args, from_args
 
 
 def register(sub) -> None:

@@ -7,12 +7,12 @@ import json
 import os
 import sys
 
-from slm.cli.args import add_dataclass_args, given
+from slm.cli.options import add_dataclass_args, given
 from slm.cli.core import add_model_shape_args
 from slm.config import ModelConfig
 from slm.data import DataConfig
-from slm.train.config import TrainConfig
-from slm.train.plan import PlanRequest
+from slm.engine.config import TrainConfig
+from slm.engine.plan import PlanRequest
 
 DATA_HELP = DataConfig.__dataclass_fields__["source"].metadata["help"]
 
@@ -69,7 +69,7 @@ def register(sub) -> None:
 
 def layered_config(args, resume_dir=None) -> dict:
     """Defaults < the run's saved config (on --resume) < --config file < flags."""
-    from slm.train.config import load_run_config, merge, read_config_file
+    from slm.engine.config import load_run_config, merge, read_config_file
 
     layers = []
     if resume_dir is not None:
@@ -86,9 +86,9 @@ def _is_main() -> bool:
 
 
 def cmd_train(args) -> int:
-    from slm.train.config import build_run_config
-    from slm.train.loop import describe_summary
-    from slm.train.pretrain import train
+    from slm.engine.config import build_run_config
+    from slm.engine.trainer import describe_summary
+    from slm.recipes.pretrain import train
 
     run = build_run_config(layered_config(args, args.out if args.resume else None))
     summary = train(run, args.out, resume=args.resume)
@@ -99,7 +99,7 @@ def cmd_train(args) -> int:
 
 def cmd_plan(args) -> int:
     from slm.cli.core import model_config_from_args
-    from slm.train.plan import format_plan, make_plan
+    from slm.engine.plan import format_plan, make_plan
 
     req = PlanRequest(model=model_config_from_args(args), **given(args, PlanRequest))
     if req.device == "cpu":
@@ -110,7 +110,7 @@ def cmd_plan(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from slm.train.evaluation import evaluate_model
+    from slm.recipes.evaluate import evaluate_model
 
     data = DataConfig(**given(args, DataConfig))
     r = evaluate_model(args.model, data, split=args.split, max_tokens=args.max_tokens, batch_size=args.batch_size,
@@ -124,7 +124,7 @@ def cmd_eval(args) -> int:
 
 
 def cmd_sweep(args) -> int:
-    from slm.train.sweep import format_table, parse_grid, run_sweep
+    from slm.recipes.sweep import format_table, parse_grid, run_sweep
 
     grid = parse_grid(args.grid)
     result = run_sweep(layered_config(args), grid, args.out, report=lambda m: print(m, file=sys.stderr))
@@ -134,7 +134,7 @@ def cmd_sweep(args) -> int:
 
 
 def cmd_plot(args) -> int:
-    from slm.train.plot import plot_run
+    from slm.engine.plot import plot_run
 
     print(f"wrote {plot_run(args.run, args.out)}")
     return 0

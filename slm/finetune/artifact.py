@@ -23,9 +23,9 @@ import torch
 import torch.nn as nn
 
 import slm
-from slm.checkpoint import FORMAT, FORMAT_VERSION, load_model, read_config, save_model, write_json
+from slm.artifacts import FORMAT, FORMAT_VERSION, load_model, read_config, save_model, write_json
 from slm.errors import SlmError
-from slm.finetune.lora import load_adapter, merge, save_adapter
+from slm.lora import load_adapter, merge, save_adapter
 from slm.loading import LoadedModel, open_model, resolve_artifact_dir
 from slm.model import GPT
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from slm.checkpoint import atomic_write_bytes, load_model, model_tensors, read_config, write_json
+from slm.artifacts import atomic_write_bytes, load_model, model_tensors, read_config, write_json
 from slm.errors import SlmError
 from slm.loading import resolve_artifact_dir
 

@@ -105,7 +105,7 @@ def config_to_hf(cfg: ModelConfig, vocab: int = GPT2_VOCAB) -> dict:
 
 
 def _read_hf_weights(d: Path) -> dict[str, torch.Tensor]:
-    from slm.checkpoint import read_tensors
+    from slm.artifacts import read_tensors
 
     st = sorted(d.glob("*.safetensors"))
     if st:

@@ -9,7 +9,7 @@ eval-sql, bench and the server):
 Layout:
     model.safetensors  NAME.qweight / NAME.scale / NAME.zero / NAME.bias / NAME.input_range
                        for each quantized module, float tensors under their usual names;
-                       nothing pickled, size and SHA-256 checked on load (checkpoint.py)
+                       nothing pickled, size and SHA-256 checked on load (slm/artifacts.py)
     config.json        slm's config (format, kind, tokenizer identity, weights hash) and
                        "quantization": the method, {module: spec}, modules kept in float,
                        float tensors tied to others, and what was quantized ("source")
@@ -30,7 +30,7 @@ import torch
 import torch.nn as nn
 
 import slm
-from slm.checkpoint import (CONFIG_FILE, FORMAT, FORMAT_VERSION, TensorFile, model_config_json, read_artifact,
+from slm.artifacts import (CONFIG_FILE, FORMAT, FORMAT_VERSION, TensorFile, model_config_json, read_artifact,
                             read_config, save_tensors, verify_weights)
 from slm.errors import SlmError
 from slm.loading import LoadedModel, open_model

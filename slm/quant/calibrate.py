@@ -23,7 +23,7 @@ from slm.data import DataConfig, TokenStream
 from slm.errors import SlmError
 from slm.quant.quantize import QuantConfig
 from slm.tokenizer import require_gpt2
-from slm.train.config import load_run_config
+from slm.engine.config import load_run_config
 
 
 def calibration_data(model: str, cfg: QuantConfig) -> DataConfig:

@@ -5,12 +5,12 @@ import sqlite3
 
 import pytest
 
-from slm.finetune.data import load_examples
-from slm.finetune.config import EvalSqlConfig
-from slm.finetune.sqleval import evaluate, extract_sql, model_replier, normalize_sql
-from slm.finetune.sqlexec import (ContextError, Limits, QueryError, Result, build_database, fill_synthetic, gold_literals, judge,
+from slm.tasks.examples import load_examples
+from slm.recipes.config import EvalSqlConfig
+from slm.tasks.sql.scoring import evaluate, extract_sql, model_replier, normalize_sql
+from slm.tasks.sql.execution import (ContextError, Limits, QueryError, Result, build_database, fill_synthetic, gold_literals, judge,
                                   orders_rows, prepare_suite, run_query, same_result)
-from slm.finetune.synthetic import SCHEMAS, TEMPLATES, generate_examples
+from slm.tasks.sql.synthetic import SCHEMAS, TEMPLATES, generate_examples
 
 SCHEMA = """CREATE TABLE region (id INTEGER not null primary key, region_name TEXT default NULL);
 CREATE TABLE sales (region_id INTEGER, game TEXT, num_sales REAL,
@@ -147,7 +147,7 @@ def test_scoring_counts_right_wrong_invalid_and_exact(tmp_path):
 
 def test_eval_sql_end_to_end_with_a_tiny_model(tmp_path, tiny_model):
     """The real path: open_model on an slm directory, greedy generation, extraction, SQLite."""
-    from slm.checkpoint import save_model
+    from slm.artifacts import save_model
     from slm.loading import open_model
 
     save_model(tmp_path / "m", tiny_model)

@@ -31,8 +31,8 @@ import torch
 
 from slm.config import ModelConfig
 from slm.errors import SlmError
-from slm.train import losses
-from slm.train.hardware import DEVICE_CHOICES, GPUS, cpu_bf16_native, cpu_matmul_peak, detect_gpu, gpu_spec
+from slm.engine import losses
+from slm.engine.hardware import DEVICE_CHOICES, GPUS, cpu_bf16_native, cpu_matmul_peak, detect_gpu, gpu_spec
 
 GIB = 1024**3
 CUDA_CONTEXT_BYTES = int(0.6 * GIB)  # assumed: CUDA context + kernels, per GPU
@@ -168,9 +168,9 @@ def alternative(req: PlanRequest, runtime: int) -> PlanRequest | None:
 
 def measure_cpu_tokens_per_s(req: PlanRequest, steps: int = 2) -> float:
     """Tokens/s of real training steps (slm's train step) of this configuration on this CPU."""
-    from slm.train.config import TrainConfig
-    from slm.train.loop import Trainer
-    from slm.train.pretrain import RandomBatches, gpt_task
+    from slm.engine.config import TrainConfig
+    from slm.engine.trainer import Trainer
+    from slm.recipes.pretrain import RandomBatches, gpt_task
 
     torch.manual_seed(0)
     task = gpt_task(req.model, RandomBatches(req.model, req.batch_size))

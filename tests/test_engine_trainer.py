@@ -8,12 +8,12 @@ import torch
 import torch.nn as nn
 
 from slm.errors import SlmError
-from slm.train.checkpoints import checkpoint_name
-from slm.train.config import TrainConfig
-from slm.train.loop import Trainer, TrainTask
-from slm.train.metrics import read_metrics
-from slm.train.optim import lr_at
-from slm.train.pretrain import RandomBatches, gpt_task
+from slm.engine.checkpoints import checkpoint_name
+from slm.engine.config import TrainConfig
+from slm.engine.trainer import Trainer, TrainTask
+from slm.engine.metrics import read_metrics
+from slm.engine.optim import lr_at
+from slm.recipes.pretrain import RandomBatches, gpt_task
 
 from trainutil import one_thread, small_config, small_task  # noqa: F401 (fixture)
 

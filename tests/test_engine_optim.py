@@ -2,8 +2,8 @@ import math
 
 
 from slm.model import GPT
-from slm.train.config import TrainConfig
-from slm.train.optim import lr_at, make_optimizer, param_groups
+from slm.engine.config import TrainConfig
+from slm.engine.optim import lr_at, make_optimizer, param_groups
 
 from conftest import tiny_config
 

@@ -5,7 +5,7 @@ prompt), decode tokens/s (batch 1, 256 new tokens, greedy, KV cache, no early st
 of `repeats` generations, as other programs on the machine slow some), and, when asked,
 perplexity on a validation split and SQL execution accuracy.
 
-Each model runs in its own subprocess (`python -m slm.benchmark MODEL`), so its peak RSS is
+Each model runs in its own subprocess (`python -m slm.recipes.bench MODEL`), so its peak RSS is
 its own and not what an earlier model left behind; the subprocess imports only what loading
 that model needs (no transformers for slm models). `rss_baseline_bytes` is the RSS before
 the model is loaded (the Python interpreter, torch and the tokenizer), so the model's own
@@ -54,7 +54,7 @@ def weights_bytes(spec: str) -> int | None:
     if path.is_file():
         return path.stat().st_size
     if path.is_dir():
-        from slm.train.checkpoints import OPTIMIZER_FILE  # a training checkpoint's AdamW state is not the model
+        from slm.engine.checkpoints import OPTIMIZER_FILE  # a training checkpoint's AdamW state is not the model
 
         return sum(p.stat().st_size for p in path.rglob("*")
                    if p.suffix in WEIGHT_SUFFIXES and p.name != OPTIMIZER_FILE and p.is_file())
@@ -119,7 +119,7 @@ def val_perplexity(loaded, spec: str, cfg: BenchConfig) -> dict:
     `slm eval` measures it, in blocks of the model's context, one sequence at a time (a batch's
     logits would be batch x context x vocab floats)."""
     from slm.data import DataConfig
-    from slm.train.evaluation import loss_module, split_loss
+    from slm.recipes.evaluate import loss_module, split_loss
 
     r = split_loss(loss_module(loaded, spec), loaded.model.config.block_size, DataConfig(source=cfg.data), "val",
                    max_tokens=cfg.eval_tokens, batch_size=1)
@@ -128,9 +128,9 @@ def val_perplexity(loaded, spec: str, cfg: BenchConfig) -> dict:
 
 def sql_accuracy(loaded, sql_data: str) -> dict:
     """Execution accuracy with `slm eval-sql`'s evaluator and its default settings."""
-    from slm.finetune.config import EvalSqlConfig
-    from slm.finetune.data import load_examples
-    from slm.finetune.sqleval import evaluate, model_replier
+    from slm.recipes.config import EvalSqlConfig
+    from slm.tasks.examples import load_examples
+    from slm.tasks.sql.scoring import evaluate, model_replier
 
     cfg = EvalSqlConfig()
     examples, _, _ = load_examples(sql_data)
@@ -144,7 +144,7 @@ def sql_accuracy(loaded, sql_data: str) -> dict:
 
 
 def run_one(spec: str, cfg: BenchConfig) -> dict:
-    cmd = [sys.executable, "-m", "slm.benchmark", spec, "--config", json.dumps(cfg.__dict__)]
+    cmd = [sys.executable, "-m", "slm.recipes.bench", spec, "--config", json.dumps(cfg.__dict__)]
     proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     if proc.returncode != 0:
         lines = [l for l in proc.stderr.strip().splitlines() if l.strip()]
@@ -220,7 +220,7 @@ def table(rows: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """The subprocess: measure one model, print one JSON object."""
-    ap = argparse.ArgumentParser(prog="python -m slm.benchmark")
+    ap = argparse.ArgumentParser(prog="python -m slm.recipes.bench")
     ap.add_argument("model")
     ap.add_argument("--config", default="{}", help="BenchConfig fields as JSON")
     args = ap.parse_args(argv)

@@ -1,5 +1,5 @@
 """The fine-tune recipe: a base model, LoRA (or full) weights, completion-only batches and loss,
-run by slm's training loop (`slm.train.loop.Trainer`).
+run by slm's training loop (`slm.engine.trainer.Trainer`).
 
 What this recipe plugs into the trainer (`TrainTask`):
 - `module`: `CompletionLoss`, the model plus a loss over completion tokens only; the output
@@ -26,17 +26,17 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from slm.checkpoint import read_tensors, write_json
+from slm.artifacts import read_tensors, write_json
 from slm.errors import SlmError
 from slm.finetune.artifact import Base, finetune_config, load_base, save_standalone, write_finetune
-from slm.finetune.config import FinetuneConfig, FinetuneTrainConfig, LoraSettings
-from slm.finetune.data import load_examples, split_holdout
-from slm.finetune.encode import IGNORE, BatchSampler, Encoded, collate, encode_all
-from slm.finetune.lora import apply_lora, checkpoint_activations, inner_module, save_adapter, trainable_share
+from slm.recipes.config import FinetuneConfig, FinetuneTrainConfig, LoraSettings
+from slm.tasks.examples import load_examples, split_holdout
+from slm.tasks.encode import IGNORE, BatchSampler, Encoded, collate, encode_all
+from slm.lora import apply_lora, checkpoint_activations, inner_module, save_adapter, trainable_share
 from slm.model import GPT
-from slm.train.losses import linear_cross_entropy
-from slm.train.loop import Trainer, TrainTask
-from slm.train.pretrain import RunLock, has_run
+from slm.engine.losses import linear_cross_entropy
+from slm.engine.trainer import Trainer, TrainTask
+from slm.recipes.pretrain import RunLock, has_run
 
 SUMMARY_FILE = "finetune_summary.json"
 
@@ -117,8 +117,8 @@ def make_task(base: Base, method: str, peft_model, train: BatchSampler, val: lis
 def finetune(fcfg: FinetuneConfig, lcfg: LoraSettings, tcfg: FinetuneTrainConfig, out: str | Path,
              resume: bool = False, quiet: bool = False) -> dict:
     """Fine-tune `fcfg.base` on `fcfg.data` into `out`; returns the summary (also in out/finetune_summary.json)."""
-    from slm.train import distributed as D
-    from slm.train.metrics import Progress
+    from slm.engine import distributed as D
+    from slm.engine.metrics import Progress
 
     out = Path(out)
     if fcfg.data is None:
@@ -202,7 +202,7 @@ def _results(summary: dict) -> dict:
 
 
 def print_summary(summary: dict) -> None:
-    from slm.train.loop import describe_summary
+    from slm.engine.trainer import describe_summary
 
     print(f"fine-tuned {summary['base']} ({summary['method']}; {100 * summary['trainable_share']:.2f}% of "
           f"parameters trained; {summary['examples']['kept']} examples, {summary['examples']['dropped']} dropped "

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import re
 
-from slm.finetune.data import Example
+from slm.tasks.examples import Example
 
 SYSTEM_PROMPT = (
     "You are a database engineer. Given a database schema and a question, write one valid SQLite "

@@ -23,10 +23,10 @@ import sys
 import time
 from typing import Callable
 
-from slm.finetune.config import EvalSqlConfig
-from slm.finetune.data import Example
-from slm.finetune.prompting import compact_sql, prompt_messages
-from slm.finetune.sqlexec import ContextError, Limits, judge, prepare_suite
+from slm.recipes.config import EvalSqlConfig
+from slm.tasks.examples import Example
+from slm.tasks.sql.prompts import compact_sql, prompt_messages
+from slm.tasks.sql.execution import ContextError, Limits, judge, prepare_suite
 from slm.generate import SamplingConfig, generate
 from slm.prompts import chat_prompt
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch.nn as nn
 
 from slm.errors import SlmError
-from slm.finetune.config import GPT_TARGETS, HF_TARGETS, LoraSettings
+from slm.recipes.config import GPT_TARGETS, HF_TARGETS, LoraSettings
 from slm.model import GPT
 
 

@@ -3,12 +3,12 @@ import json
 import pytest
 import torch
 
-from slm.checkpoint import load_model
+from slm.artifacts import load_model
 from slm.loading import open_model
-from slm.train.checkpoints import (CheckpointManager, checkpoint_name, find_model_dir, load_optimizer,
+from slm.engine.checkpoints import (CheckpointManager, checkpoint_name, find_model_dir, load_optimizer,
                                    optimizer_from_tensors, optimizer_to_tensors, verify)
-from slm.train.config import TrainConfig
-from slm.train.loop import Trainer
+from slm.engine.config import TrainConfig
+from slm.engine.trainer import Trainer
 
 from trainutil import one_thread, small_task  # noqa: F401 (fixture)
 

@@ -19,8 +19,8 @@ from slm.data import DataConfig, TokenStream, check_source
 from slm.errors import SlmError
 from slm.runtime import resolve_device, resolve_dtype
 from slm.tokenizer import require_gpt2
-from slm.train.loop import evaluate_loss
-from slm.train.losses import CausalLMLoss
+from slm.engine.trainer import evaluate_loss
+from slm.engine.losses import CausalLMLoss
 
 
 class _ForwardLoss(nn.Module):
@@ -36,7 +36,7 @@ class _ForwardLoss(nn.Module):
 
 def load_for_eval(spec: str, device: torch.device) -> tuple[nn.Module, int, str]:
     """(module computing the loss, context length, resolved path) for a --model spec."""
-    from slm.checkpoint import load_model
+    from slm.artifacts import load_model
     from slm.loading import _slm_kind, open_model, resolve_artifact_dir
 
     path = Path(spec)

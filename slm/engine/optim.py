@@ -13,7 +13,7 @@ import math
 import torch
 import torch.nn as nn
 
-from slm.train.config import TrainConfig
+from slm.engine.config import TrainConfig
 
 
 def param_groups(module: nn.Module, weight_decay: float) -> list[dict]:

@@ -18,9 +18,9 @@ from dataclasses import dataclass, field
 import torch
 
 from slm.errors import SlmError
-from slm.finetune.config import TRUNCATION
-from slm.finetune.data import Example
-from slm.finetune.prompting import prompt_messages
+from slm.recipes.config import TRUNCATION
+from slm.tasks.examples import Example
+from slm.tasks.sql.prompts import prompt_messages
 from slm.prompts import chat_prompt, plain_chat_prompt
 
 IGNORE = -100

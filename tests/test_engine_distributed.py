@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from slm.train.checkpoints import verify
-from slm.train.metrics import read_metrics
+from slm.engine.checkpoints import verify
+from slm.engine.metrics import read_metrics
 
 from datautil import corpus
 
@@ -52,7 +52,7 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path, single, mo
     state = verify(out / "step-0000006")
     assert state["world_size"] == 2 and len(state["ranks"]) == 2
     # the full weights were gathered: the checkpoint loads as a plain model
-    from slm.checkpoint import load_model
+    from slm.artifacts import load_model
 
     load_model(out / "step-0000006")
 

@@ -16,10 +16,10 @@ import math
 import typing
 from pathlib import Path
 
-from slm.checkpoint import write_json
+from slm.artifacts import write_json
 from slm.errors import SlmError
-from slm.train.config import SECTIONS, build_run_config, merge, split_flat
-from slm.train.pretrain import SUMMARY_FILE, train
+from slm.engine.config import SECTIONS, build_run_config, merge, split_flat
+from slm.recipes.pretrain import SUMMARY_FILE, train
 
 RESULTS_FILE = "sweep.json"
 TABLE_FILE = "sweep.md"

@@ -41,13 +41,13 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from slm.errors import SlmError
-from slm.train import distributed as D
-from slm.train.checkpoints import CheckpointManager, load_optimizer, optimizer_to_tensors
-from slm.train.config import TrainConfig
-from slm.train.guards import BadStepGuard, SpikeDetector
-from slm.train.hardware import cpu_bf16_native, keep_freed_memory, peak_flops, peak_memory
-from slm.train.metrics import METRICS_FILE, MetricsLog, Progress, Speedometer, format_duration
-from slm.train.optim import lr_at, make_optimizer, set_lr
+from slm.engine import distributed as D
+from slm.engine.checkpoints import CheckpointManager, load_optimizer, optimizer_to_tensors
+from slm.engine.config import TrainConfig
+from slm.engine.guards import BadStepGuard, SpikeDetector
+from slm.engine.hardware import cpu_bf16_native, keep_freed_memory, peak_flops, peak_memory
+from slm.engine.metrics import METRICS_FILE, MetricsLog, Progress, Speedometer, format_duration
+from slm.engine.optim import lr_at, make_optimizer, set_lr
 
 IGNORE_INDEX = -100
 _FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)

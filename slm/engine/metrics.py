@@ -18,7 +18,7 @@ import time
 from collections import deque
 from pathlib import Path
 
-from slm.checkpoint import atomic_write_bytes
+from slm.artifacts import atomic_write_bytes
 
 METRICS_FILE = "metrics.jsonl"
 

@@ -3,7 +3,7 @@ import json
 import pytest
 import torch
 
-from slm.checkpoint import load_model, save_model
+from slm.artifacts import load_model, save_model
 from slm.errors import SlmError
 
 

@@ -30,7 +30,7 @@ from typing import Callable
 import torch
 from safetensors.torch import save_file
 
-from slm.checkpoint import atomic_write, atomic_write_bytes, fsync_dir, read_tensors, sha256_file
+from slm.artifacts import atomic_write, atomic_write_bytes, fsync_dir, read_tensors, sha256_file
 
 MANIFEST = "manifest.json"
 OPTIMIZER_FILE = "optimizer.safetensors"

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from slm.errors import SlmError
-from slm.train.metrics import METRICS_FILE, read_metrics
+from slm.engine.metrics import METRICS_FILE, read_metrics
 
 
 def ema(values: list[float], alpha: float = 0.1) -> list[float]:

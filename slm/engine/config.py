@@ -205,7 +205,7 @@ def build_run_config(values: dict) -> RunConfig:
 
 
 def save_run_config(directory: Path, cfg: RunConfig) -> None:
-    from slm.checkpoint import write_json
+    from slm.artifacts import write_json
 
     write_json(directory / RUN_CONFIG_FILE, cfg.to_dict())
 

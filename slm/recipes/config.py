@@ -9,8 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from slm.errors import SlmError
-from slm.finetune.data import FORMATS
-from slm.train.config import TrainConfig
+from slm.tasks.examples import FORMATS
+from slm.engine.config import TrainConfig
 
 TRUNCATION = ("left", "drop")
 GPT_TARGETS = ["c_attn", "c_proj", "c_fc"]  # LoRA on slm's GPT: every projection, not the tied head

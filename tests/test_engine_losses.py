@@ -3,8 +3,8 @@ import torch
 import torch.nn.functional as F
 
 from slm.model import GPT
-from slm.train import losses
-from slm.train.losses import CausalLMLoss, linear_cross_entropy
+from slm.engine import losses
+from slm.engine.losses import CausalLMLoss, linear_cross_entropy
 
 from conftest import tiny_config
 

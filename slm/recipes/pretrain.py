@@ -16,19 +16,19 @@ from pathlib import Path
 
 import torch
 
-from slm.checkpoint import (TIED_KEYS, model_config_json, read_artifact, read_tensors, save_tensors, verify_weights,
+from slm.artifacts import (TIED_KEYS, model_config_json, read_artifact, read_tensors, save_tensors, verify_weights,
                             write_json)
 from slm.config import ModelConfig
 from slm.errors import SlmError
 from slm.model import GPT
 from slm.tokenizer import get_tokenizer
-from slm.train import distributed as D
-from slm.train.checkpoints import CheckpointManager
-from slm.train.config import RUN_CONFIG_FILE, RunConfig, save_run_config
-from slm.train.loop import Trainer, TrainTask, resolve_amp_dtype
-from slm.train.losses import CausalLMLoss
-from slm.train.metrics import METRICS_FILE, Progress
-from slm.train.plan import PlanRequest, alternative_flags, check_fits, format_plan, memory_breakdown, runtime_bytes
+from slm.engine import distributed as D
+from slm.engine.checkpoints import CheckpointManager
+from slm.engine.config import RUN_CONFIG_FILE, RunConfig, save_run_config
+from slm.engine.trainer import Trainer, TrainTask, resolve_amp_dtype
+from slm.engine.losses import CausalLMLoss
+from slm.engine.metrics import METRICS_FILE, Progress
+from slm.engine.plan import PlanRequest, alternative_flags, check_fits, format_plan, memory_breakdown, runtime_bytes
 
 PREFIX = "model."  # CausalLMLoss holds the GPT as .model
 SUMMARY_FILE = "summary.json"

@@ -4,8 +4,8 @@ import torch
 from slm.config import ModelConfig
 from slm.errors import SlmError
 from slm.model import GPT
-from slm.train.losses import CausalLMLoss
-from slm.train.plan import PlanRequest, activation_bytes, alternative, fits, make_plan, memory_breakdown
+from slm.engine.losses import CausalLMLoss
+from slm.engine.plan import PlanRequest, activation_bytes, alternative, fits, make_plan, memory_breakdown
 
 from trainutil import one_thread  # noqa: F401 (fixture)
 
@@ -78,7 +78,7 @@ def test_bad_requests():
 
 
 def test_measuring_the_cpu_peak_leaves_the_global_rng_alone():
-    from slm.train.hardware import cpu_matmul_peak
+    from slm.engine.hardware import cpu_matmul_peak
 
     torch.manual_seed(0)
     state = torch.get_rng_state()
