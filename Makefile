@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.setup-stamp
 
-.PHONY: setup setup-llama demo test test-slow bench clean
+.PHONY: setup setup-llama demo test lint test-slow bench clean
 
 setup: $(STAMP)
 
@@ -25,8 +25,13 @@ setup-llama: setup
 demo: setup
 	bash scripts/demo.sh
 
-test: setup
+test: setup lint
 	$(BIN)/python -m pytest -q
+
+# The layers (import-linter contracts in pyproject.toml) and ruff's checks.
+lint: setup
+	$(BIN)/lint-imports --no-cache
+	$(BIN)/ruff check slm tests bench scripts
 
 test-slow: setup
 	$(BIN)/python -m pytest -q -m slow
@@ -41,4 +46,4 @@ bench: setup
 	$(BIN)/python bench/plan_memory.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache build *.egg-info
+	rm -rf $(VENV) .pytest_cache .ruff_cache .import_linter_cache build *.egg-info

@@ -47,7 +47,7 @@ from slm.inference import for_inference
 from slm.interop.export import export_gguf, export_hf
 from slm.loading import open_model
 from slm.model import GPT
-from slm.quant.artifact import quantize_to_dir
+from slm.recipes.quantize import quantize_to_dir
 from slm.quant.quantize import QuantConfig
 
 def best(fn, repeats):

@@ -42,7 +42,7 @@ from slm.recipes.bench import BenchConfig, compare, weights_bytes  # noqa: E402
 from slm.artifacts import save_model
 from slm.config import preset
 from slm.model import GPT
-from slm.quant.artifact import quantize_to_dir
+from slm.recipes.quantize import quantize_to_dir
 from slm.quant.layers import Int4Linear, Int8Linear, pack_nibbles, quantize_int4, quantize_int8
 from slm.quant.quantize import QuantConfig
 

@@ -34,7 +34,7 @@ from slm.config import preset
 from slm.engine.config import TrainConfig
 from slm.engine.hardware import cpu_matmul_peak, keep_freed_memory
 from slm.engine.trainer import Trainer
-from slm.recipes.pretrain import RandomBatches, gpt_task
+from slm.engine.gpt import RandomBatches, gpt_task
 
 B, T = 8, 256
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}

@@ -1,29 +1,43 @@
-"""Model artifacts on disk: a directory with `model.safetensors` and `config.json`.
+"""The model-directory format: one owner for what `config.json` says and how directories are found.
 
-config.json holds the model shape, the tokenizer identity, the slm version, the SHA-256 and
-size of the weights file, and a free-form `metadata` section. Loading never unpickles
-anything, refuses a tokenizer mismatch, and turns a truncated or tampered weights file into
-a clear `SlmError` instead of a stack trace from inside a library.
+A model directory holds `model.safetensors` and `config.json`. config.json's header names the
+format ("slm"), its version, the artifact's `kind`, the slm version, the tokenizer identity, the
+size and SHA-256 of the weights, and a free-form `metadata` section; each kind adds its sections:
 
-Files are written atomically (temporary name, fsync, rename): an artifact is complete or
+    "gpt"            an slm GPT: "model" (its shape)
+    "gpt-quantized"  an slm GPT, int8/int4: "model", "quantization" (slm/quant/artifact.py)
+    "hf-quantized"   a Hugging Face causal LM, int8/int4: "hf", "quantization" (slm/quant/artifact.py)
+    "finetune"       a fine-tune: "base", "method", "adapter", "model" (slm/recipes/finetune.py)
+
+Readers never unpickle anything, refuse a newer format, and turn a truncated or tampered
+weights file into a clear `SlmError`. Writers go through slm/io.py: an artifact is complete or
 absent, never half-written.
+
+Directories that are not themselves artifacts resolve to one: a training run directory (its
+`step-NNNNNNN/` checkpoints, each a "gpt" artifact, and `trainer.json` with the step's
+validation loss) stands for its best checkpoint by validation loss, else its latest. The run
+layout is read here; slm/engine writes it.
+
+This module knows the formats, not the stages: loading any kind (slm/loading.py) and writing
+the quantized and fine-tuned kinds live with the code that makes them.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.nn as nn
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 import slm
 from slm.config import ModelConfig
 from slm.errors import SlmError
+from slm.io import atomic_write, sha256_file, write_json
 from slm.model import GPT
 from slm.tokenizer import Tokenizer, TokenizerIdentity, get_tokenizer
 
@@ -32,6 +46,18 @@ FORMAT_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 TIED_KEYS = ("lm_head.weight",)  # tied to transformer.wte.weight, stored once
+
+# kinds of artifact (config.json's "kind"); "hf" is what a plain Hugging Face model loads as
+GPT_KIND = "gpt"
+GPT_QUANTIZED = "gpt-quantized"
+HF_QUANTIZED = "hf-quantized"
+FINETUNE = "finetune"
+HF_KIND = "hf"
+
+# a training run directory (written by slm/engine)
+RUN_CONFIG_FILE = "train_config.json"  # the run's resolved configuration
+CHECKPOINT_STATE_FILE = "trainer.json"  # in each checkpoint: step, validation loss, ...
+_CHECKPOINT = re.compile(r"^step-(\d+)$")
 
 
 @dataclass
@@ -46,47 +72,6 @@ class Artifact:
 
 
 # ---------------------------------------------------------------------------- writing
-
-
-def atomic_write(path: str | Path, write) -> None:
-    """`write(tmp_path)`, fsync, then rename over `path`; readers see the old file or the new one."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    write(tmp)
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
-
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    atomic_write(path, lambda p: p.write_bytes(data))
-
-
-def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 24):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def fsync_dir(path: str | Path) -> None:
-    """Make a rename inside `path` durable (a no-op where directories cannot be opened)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def write_json(path: str | Path, obj: dict) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
 
 
 def save_tensors(directory: str | Path, tensors: dict[str, torch.Tensor], config: dict,
@@ -105,17 +90,17 @@ def save_tensors(directory: str | Path, tensors: dict[str, torch.Tensor], config
     return config
 
 
-def model_config_json(model_cfg: ModelConfig, tokenizer: TokenizerIdentity, metadata: dict | None = None,
-                      kind: str = "gpt") -> dict:
-    return {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "kind": kind,
-        "slm_version": slm.__version__,
-        "model": model_cfg.to_dict(),
-        "tokenizer": tokenizer.to_dict(),
-        "metadata": metadata or {},
-    }
+def header(kind: str, tokenizer: TokenizerIdentity, metadata: dict | None = None, **sections) -> dict:
+    """config.json of an artifact of `kind`: the common header plus the kind's sections
+    (`save_tensors` adds "weights" when it writes them)."""
+    return {"format": FORMAT, "format_version": FORMAT_VERSION, "kind": kind, "slm_version": slm.__version__,
+            **sections, "tokenizer": tokenizer.to_dict(), "metadata": metadata or {}}
+
+
+def gpt_header(model_cfg: ModelConfig, tokenizer: TokenizerIdentity, metadata: dict | None = None,
+               kind: str = GPT_KIND) -> dict:
+    """config.json of an slm GPT (plain or quantized): the header and the model's shape."""
+    return header(kind, tokenizer, metadata, model=model_cfg.to_dict())
 
 
 def model_tensors(model: GPT) -> dict[str, torch.Tensor]:
@@ -125,7 +110,7 @@ def model_tensors(model: GPT) -> dict[str, torch.Tensor]:
 def save_model(directory: str | Path, model: GPT, tokenizer: Tokenizer | None = None,
                metadata: dict | None = None) -> Path:
     tokenizer = tokenizer or get_tokenizer()
-    cfg = model_config_json(model.config, tokenizer.identity, metadata)
+    cfg = gpt_header(model.config, tokenizer.identity, metadata)
     save_tensors(directory, model_tensors(model), cfg)
     return Path(directory)
 
@@ -161,6 +146,19 @@ def read_artifact(directory: str | Path) -> Artifact:
     except (KeyError, TypeError) as e:
         raise SlmError(f"{directory / CONFIG_FILE} is missing {e}; the artifact is damaged") from None
     return Artifact(directory, model_cfg, identity, raw.get("metadata") or {}, raw)
+
+
+def artifact_kind(directory: Path) -> str | None:
+    """The kind of the slm artifact in `directory`, or None when it holds none (no config.json,
+    or another program's, such as a Hugging Face model's)."""
+    path = Path(directory) / CONFIG_FILE
+    if not path.is_file():
+        return None
+    try:
+        raw = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return raw.get("kind", GPT_KIND) if isinstance(raw, dict) and raw.get("format") == FORMAT else None
 
 
 def verify_weights(directory: Path, raw: dict) -> Path:
@@ -237,7 +235,7 @@ def load_model(directory: str | Path, device: str | torch.device = "cpu", dtype:
                tokenizer: Tokenizer | None = None) -> tuple[GPT, Artifact]:
     """Load an slm model directory. Refuses a tokenizer mismatch before reading weights."""
     art = read_artifact(directory)
-    if art.raw.get("kind", "gpt") != "gpt":
+    if art.raw.get("kind", GPT_KIND) != GPT_KIND:
         raise SlmError(f"{directory} holds a {art.raw.get('kind')!r} artifact, not a plain slm model")
     (tokenizer or get_tokenizer()).check(art.tokenizer, f"model {art.path}")
     tensors = read_tensors(verify_weights(art.path, art.raw))
@@ -258,3 +256,91 @@ def load_model(directory: str | Path, device: str | torch.device = "cpu", dtype:
     model.load_state_dict(tensors, strict=False, assign=True)
     model.lm_head.weight = model.transformer.wte.weight  # re-tie after assign
     return model.to(device).eval(), art
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for inference, whatever its kind: the GPT call interface (model.py) and
+    slm's tokenizer interface, with where it came from."""
+
+    model: nn.Module
+    tokenizer: object  # slm.tokenizer.Tokenizer or interop.hf_causal.HFTokenizer
+    name: str
+    kind: str  # an artifact kind, or HF_KIND
+    path: str
+    info: dict = field(default_factory=dict)  # the artifact's config.json, when it has one
+
+    @property
+    def is_chat(self) -> bool:
+        return bool(getattr(self.tokenizer, "has_chat_template", False))
+
+
+# ---------------------------------------------------------------------------- training run directories
+
+
+def checkpoint_name(step: int) -> str:
+    return f"step-{step:07d}"
+
+
+def checkpoint_step(path: Path) -> int | None:
+    m = _CHECKPOINT.match(path.name)
+    return int(m.group(1)) if m else None
+
+
+def run_checkpoints(run_dir: Path) -> list[Path]:
+    """The checkpoint directories of a run, oldest first (complete by construction: the engine
+    renames a checkpoint into place only once it is written)."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return []
+    found = [p for p in run_dir.iterdir() if p.is_dir() and checkpoint_step(p) is not None]
+    return sorted(found, key=checkpoint_step)
+
+
+def checkpoint_state(path: Path) -> dict | None:
+    """A checkpoint's trainer.json, unverified (for listing), or None if unreadable."""
+    try:
+        return json.loads((Path(path) / CHECKPOINT_STATE_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def best_checkpoint(run_dir: Path) -> Path | None:
+    """The checkpoint with the lowest validation loss measured at its step, if any has one."""
+    scored = []
+    for path in run_checkpoints(run_dir):
+        state = checkpoint_state(path)
+        if state and state.get("val_loss") is not None:
+            scored.append((state["val_loss"], checkpoint_step(path), path))
+    return min(scored)[2] if scored else None
+
+
+def find_model_dir(run_dir: Path) -> Path | None:
+    """What `--model RUN_DIR` loads: the best checkpoint by validation loss, else the latest."""
+    checkpoints = run_checkpoints(run_dir)
+    if not checkpoints:
+        return None
+    return best_checkpoint(run_dir) or checkpoints[-1]
+
+
+def resolve_artifact_dir(path: Path) -> Path:
+    """The artifact directory a spec directory stands for: itself, or a training run's checkpoint."""
+    path = Path(path)
+    if artifact_kind(path) is not None:
+        return path
+    found = find_model_dir(path)
+    return found if found is not None else path
+
+
+def read_run_config(run_dir: Path) -> dict:
+    """A run's resolved configuration (train_config.json) as saved, or {} when it has none."""
+    path = Path(run_dir) / RUN_CONFIG_FILE
+    if not path.is_file():
+        return {}
+    try:
+        raw = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise SlmError(f"{path} is not valid JSON ({e}); the run directory is damaged") from None
+    if not isinstance(raw, dict):
+        raise SlmError(f"{path} does not hold a configuration; the run directory is damaged")
+    return raw

@@ -17,13 +17,34 @@ from __future__ import annotations
 
 import contextlib
 import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch.nn as nn
 
 from slm.errors import SlmError
-from slm.recipes.config import GPT_TARGETS, HF_TARGETS, LoraSettings
 from slm.model import GPT
+
+GPT_TARGETS = ["c_attn", "c_proj", "c_fc"]  # LoRA on slm's GPT: every projection, not the tied head
+HF_TARGETS = "all-linear"  # peft: every linear layer of a transformers model except its output head
+
+
+@dataclass
+class LoraSettings:
+    """LoRA's shape: rank, scale, dropout and which layers get adapters."""
+
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank"})
+    lora_alpha: float = field(default=32.0, metadata={"help": "LoRA scale numerator (the update is B A * alpha / r)"})
+    lora_dropout: float = field(default=0.05, metadata={"help": "dropout on the LoRA input"})
+    lora_targets: list[str] | None = field(default=None, metadata={
+        "help": "module names to adapt (default: every projection: all-linear for transformers models, "
+                f"{' '.join(GPT_TARGETS)} for slm's GPT)"})
+
+    def __post_init__(self):
+        if self.lora_r < 1:
+            raise SlmError(f"lora_r must be >= 1, got {self.lora_r}")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise SlmError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
 
 
 @contextlib.contextmanager

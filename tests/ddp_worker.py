@@ -11,7 +11,7 @@ import torch
 from slm.engine import distributed as D
 from slm.engine.config import TrainConfig
 from slm.engine.trainer import Trainer
-from slm.recipes.pretrain import RandomBatches, gpt_task
+from slm.engine.gpt import RandomBatches, gpt_task
 
 from trainutil import small_config
 

@@ -5,8 +5,7 @@ import json
 
 from datautil import mixed_folder
 from slm.cli import main
-from slm.cli.options import from_args
-from slm.cli.data import add_data_args
+from slm.cli.options import add_data, from_args
 from slm.data import DataConfig
 
 
@@ -60,9 +59,9 @@ def test_config_flags_reach_the_loader(tmp_path, capsys):
     assert json.loads(out)["skipped"]["too_long"] == 25  # the 1,180-character rows
 
 
-def test_add_data_args_for_other_commands():
+def test_add_data_for_other_commands():
     p = argparse.ArgumentParser()
-    add_data_args(p)
+    add_data(p)
     cfg = from_args(DataConfig, p.parse_args(["--data", "fineweb-edu", "--num-workers", "2", "--val-percent", "0.5"]))
     assert (cfg.source, cfg.num_workers, cfg.val_percent, cfg.shuffle_buffer) == ("fineweb-edu", 2, 0.5, 8192)
     assert from_args(DataConfig, p.parse_args([])) == DataConfig()

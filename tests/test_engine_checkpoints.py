@@ -3,9 +3,9 @@ import json
 import pytest
 import torch
 
-from slm.artifacts import load_model
+from slm.artifacts import find_model_dir, load_model
 from slm.loading import open_model
-from slm.engine.checkpoints import (CheckpointManager, checkpoint_name, find_model_dir, load_optimizer,
+from slm.engine.checkpoints import (CheckpointManager, checkpoint_name, load_optimizer,
                                    optimizer_from_tensors, optimizer_to_tensors, verify)
 from slm.engine.config import TrainConfig
 from slm.engine.trainer import Trainer

@@ -82,5 +82,5 @@ def test_measuring_the_cpu_peak_leaves_the_global_rng_alone():
 
     torch.manual_seed(0)
     state = torch.get_rng_state()
-    cpu_matmul_peak.__wrapped__(torch.float32, n=64, seconds=0.01)
+    cpu_matmul_peak(torch.float32, n=64, seconds=0.01, fresh=True)
     assert torch.equal(torch.get_rng_state(), state)

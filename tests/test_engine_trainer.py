@@ -13,7 +13,7 @@ from slm.engine.config import TrainConfig
 from slm.engine.trainer import Trainer, TrainTask
 from slm.engine.metrics import read_metrics
 from slm.engine.optim import lr_at
-from slm.recipes.pretrain import RandomBatches, gpt_task
+from slm.engine.gpt import RandomBatches, gpt_task
 
 from trainutil import one_thread, small_config, small_task  # noqa: F401 (fixture)
 
@@ -201,9 +201,14 @@ def test_trainer_accepts_any_task_module(tmp_path):
         def forward(self, x, y):
             return nn.functional.cross_entropy(self.emb(x).view(-1, 10), y.view(-1), ignore_index=-100)
 
-    class Masked:
+    class Masked:  # a BatchSource (trainer.py)
+        pass_index, skipped = None, {}
+
         def __init__(self):
             self.i = 0
+
+        def close(self):
+            pass
 
         def __iter__(self):
             while True:

@@ -7,8 +7,9 @@ import torch
 
 from slm.artifacts import save_model
 from slm.errors import SlmError
-from slm.finetune.artifact import load_base, write_finetune
-from slm.recipes.config import LoraSettings
+from slm.loading import load_base
+from slm.recipes.finetune import write_finetune
+from slm.lora import LoraSettings
 from slm.lora import apply_lora, trainable_share
 from slm.loading import open_model
 

@@ -10,9 +10,10 @@ from slm.artifacts import read_tensors, save_model
 from slm.cli import main
 from slm.config import ModelConfig
 from slm.errors import SlmError
-from slm.finetune.artifact import load_base
+from slm.loading import load_base
 from slm.tasks.encode import IGNORE
-from slm.recipes.config import FinetuneConfig, FinetuneTrainConfig, LoraSettings
+from slm.lora import LoraSettings
+from slm.recipes.config import FinetuneConfig, FinetuneTrainConfig
 from slm.recipes.finetune import CompletionLoss, finetune
 from slm.tasks.sql.synthetic import generate_examples, write_jsonl
 from slm.loading import open_model

@@ -15,7 +15,7 @@ from slm.generate import SamplingConfig, generate
 from slm.inference import PackedLinear, PackedEmbedding, for_inference, to_linear_layout
 from slm.loading import open_model
 from slm.model import GPT
-from slm.quant.artifact import quantize_to_dir
+from slm.recipes.quantize import quantize_to_dir
 from slm.quant.quantize import QuantConfig
 
 needs_kernels = pytest.mark.skipif(not kernels.available(), reason="slm's kernels did not build here (no C++ compiler?)")

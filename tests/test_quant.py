@@ -16,7 +16,7 @@ from slm.generate import SamplingConfig, generate
 from slm.loading import open_model
 from slm.model import GPT
 from slm.quant import kernels
-from slm.quant.artifact import quantize_to_dir
+from slm.recipes.quantize import quantize_to_dir
 from slm.quant.calibrate import input_ranges
 from slm.quant.layers import (Int4Linear, Int8Embedding, Int8Linear, dequantize_int4, dequantize_int8, pack_nibbles,
                               quantize_int4, quantize_int8, unpack_nibbles)
@@ -373,12 +373,15 @@ def test_static_int8_refuses_models_with_another_tokenizer(hf_llama, text_corpus
 def test_calibration_data_prefers_the_training_runs_data(small_gpt, tmp_path):
     from slm.data import DataConfig
     from slm.quant.calibrate import calibration_data
-    from slm.engine.config import RunConfig, TrainConfig, save_run_config
+    from slm.artifacts import RUN_CONFIG_FILE
+    from slm.engine.config import TrainConfig
+    from slm.io import write_json
+    from slm.recipes.config import RunConfig
 
     run = tmp_path / "run"
     (run / "step-0000010").mkdir(parents=True)
-    save_run_config(run, RunConfig(tiny_config(), DataConfig(source="shards/", text_field="content", num_workers=2),
-                                   TrainConfig()))
+    write_json(run / RUN_CONFIG_FILE, RunConfig(tiny_config(), DataConfig(source="shards/", text_field="content",
+                                                                          num_workers=2), TrainConfig()).to_dict())
     static = QuantConfig(method="static-int8")
     for model in (run, run / "step-0000010"):  # the run, or a checkpoint inside it
         data = calibration_data(str(model), static)

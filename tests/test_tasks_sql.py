@@ -6,7 +6,7 @@ import sqlite3
 import pytest
 
 from slm.tasks.examples import load_examples
-from slm.recipes.config import EvalSqlConfig
+from slm.tasks.sql.scoring import EvalSqlConfig
 from slm.tasks.sql.scoring import evaluate, extract_sql, model_replier, normalize_sql
 from slm.tasks.sql.execution import (ContextError, Limits, QueryError, Result, build_database, fill_synthetic, gold_literals, judge,
                                   orders_rows, prepare_suite, run_query, same_result)

@@ -5,7 +5,9 @@ import pytest
 from slm.cli import build_parser
 from slm.cli.train import layered_config
 from slm.errors import SlmError
-from slm.engine.config import RUN_CONFIG_FILE, build_run_config, merge, read_config_file, save_run_config
+from slm.artifacts import RUN_CONFIG_FILE
+from slm.io import write_json
+from slm.recipes.config import build_run_config, merge, read_config_file
 
 
 def _args(*argv):
@@ -32,7 +34,7 @@ def test_yaml_sections(tmp_path):
 
 def test_saved_run_config_reads_back_as_a_config_file(tmp_path):
     run = build_run_config(layered_config(_args("--data", "d", "--n-layer", "2", "--lr", "2e-4", "--seed", "3")))
-    save_run_config(tmp_path, run)
+    write_json(tmp_path / RUN_CONFIG_FILE, run.to_dict())  # what a run saves (engine/run.py)
     again = build_run_config(merge(read_config_file(tmp_path / RUN_CONFIG_FILE)))
     assert again == run
     assert json.loads((tmp_path / RUN_CONFIG_FILE).read_text())["train"]["lr"] == 2e-4

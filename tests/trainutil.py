@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from slm.recipes.pretrain import RandomBatches, gpt_task
+from slm.engine.gpt import RandomBatches, gpt_task
 
 from conftest import tiny_config
 

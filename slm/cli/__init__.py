@@ -17,7 +17,7 @@ from slm import __version__
 from slm.errors import SlmError
 
 # Modules under slm.cli, in the order their commands appear in `slm --help`.
-COMMANDS = ["core", "data", "train", "finetune", "quant", "serve", "export"]
+COMMANDS = ["core", "data", "train", "finetune", "eval", "quant", "serve", "export"]
 
 
 def build_parser() -> argparse.ArgumentParser:

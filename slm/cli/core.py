@@ -9,13 +9,12 @@ from pathlib import Path
 
 import torch
 
-from slm.artifacts import read_artifact, save_model
-from slm.cli.options import add_dataclass_args, from_args, given
+from slm.artifacts import read_artifact, resolve_artifact_dir, save_model
+from slm.cli.options import add_dataclass_args, add_device, add_dtype, add_json, add_model, add_out, from_args, given
 from slm.config import PRESETS, ModelConfig, resolve_model_config
-from slm.loading import open_model, resolve_artifact_dir
 from slm.generate import GenerationStats, SamplingConfig, generate
 from slm.model import GPT
-from slm.runtime import DTYPES, resolve_device, resolve_dtype
+from slm.runtime import WEIGHT_DTYPES, resolve_device, resolve_dtype
 from slm.tokenizer import get_tokenizer
 
 
@@ -32,7 +31,7 @@ def model_config_from_args(args) -> ModelConfig:
 def register(sub) -> None:
     p = sub.add_parser("init", help="write a freshly initialized model directory")
     add_model_shape_args(p)
-    p.add_argument("--out", required=True, help="output model directory")
+    add_out(p, "output model directory")
     p.add_argument("--seed", type=int, default=0, help="initialization seed (default: 0)")
     p.set_defaults(func=cmd_init)
 
@@ -40,30 +39,27 @@ def register(sub) -> None:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--from-hf", metavar="HF_DIR", help="local Hugging Face GPT-2 directory")
     src.add_argument("--from-gguf", metavar="FILE", help="GPT-2 GGUF file (f32, f16 or q8_0; dequantized to fp32)")
-    p.add_argument("--out", required=True, help="output model directory")
+    add_out(p, "output model directory")
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("info", help="show a model's shape, parameter counts and tokenizer")
-    p.add_argument("--model", help="model directory (instead of a preset or shape flags)")
+    p.add_argument("--model", help="slm model or run directory (instead of a preset or shape flags)")
     add_model_shape_args(p)
-    p.add_argument("--json", action="store_true", help="print one JSON object")
+    add_json(p)
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("tokenize", help="print the GPT-2 token ids of a text")
     p.add_argument("text")
-    p.add_argument("--json", action="store_true", help='print {"ids": [...], "tokenizer": {...}}')
+    add_json(p, '{"ids": [...], "tokenizer": {...}}')
     p.set_defaults(func=cmd_tokenize)
 
     p = sub.add_parser("generate", help="sample text from a model, streaming tokens to stdout")
-    p.add_argument("--model", required=True,
-                   help="model directory, run directory, Hugging Face directory or hub id, .gguf file, "
-                        "or the alias smollm2-135m-instruct")
+    add_model(p)
     p.add_argument("--prompt", default="", help="text to continue (default: start of a document)")
     add_dataclass_args(p, SamplingConfig)
-    p.add_argument("--dtype", choices=list(DTYPES), default="fp32", help="weight precision (default: fp32)")
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto)")
-    p.add_argument("--json", action="store_true",
-                   help='print one JSON object: {"text", "tokens", "prefill_tok_s", "decode_tok_s", ...}')
+    add_dtype(p, WEIGHT_DTYPES, "weight precision (auto: fp32)")
+    add_device(p)
+    add_json(p, 'one JSON object: {"text", "tokens", "prefill_tok_s", "decode_tok_s", ...}')
     p.set_defaults(func=cmd_generate)
 
 
@@ -136,6 +132,8 @@ def cmd_tokenize(args) -> int:
 
 
 def cmd_generate(args) -> int:
+    from slm.loading import open_model
+
     cfg = from_args(SamplingConfig, args)
     loaded = open_model(args.model, device=resolve_device(args.device), dtype=resolve_dtype(args.dtype))
     tok, block = loaded.tokenizer, loaded.model.config.block_size

@@ -5,17 +5,11 @@ from __future__ import annotations
 import json
 import sys
 
-from slm.cli.options import add_dataclass_args, from_args
+from slm.cli.options import add_dataclass_args, add_json, from_args
 from slm.data.config import DataConfig
 
 # Flags that make no sense for inspecting (which reads in file order, in this process).
 _INSPECT_EXCLUDE = ("source", "shuffle_buffer", "num_workers", "prefetch")
-
-
-def add_data_args(p, exclude=()) -> None:
-    """`--data SOURCE` plus one flag per DataConfig field, for commands that stream data (train,
-    eval); `from_args(DataConfig, args)` builds the config."""
-    add_dataclass_args(p, DataConfig, exclude=exclude, rename={"source": "--data"})
 
 
 def register(sub) -> None:
@@ -27,7 +21,7 @@ def register(sub) -> None:
     add_dataclass_args(q, DataConfig, exclude=_INSPECT_EXCLUDE)
     q.add_argument("--max-docs", type=int, default=20_000,
                    help="statistics over the first N documents (default: 20000)")
-    q.add_argument("--json", action="store_true", help="print one JSON object")
+    add_json(q)
     q.set_defaults(func=cmd_inspect)
 
     q = data.add_parser("bench", help="end-to-end loader throughput (tokens/s, documents/s, MB/s) and peak RSS")
@@ -37,7 +31,7 @@ def register(sub) -> None:
     q.add_argument("--block-size", type=int, default=1024, help="tokens per row (default: 1024)")
     q.add_argument("--batch-size", type=int, default=8, help="rows per batch (default: 8)")
     q.add_argument("--split", choices=["train", "val", "test"], default="train", help="(default: train)")
-    q.add_argument("--json", action="store_true", help="print one JSON object")
+    add_json(q)
     q.set_defaults(func=cmd_bench)
 
 

@@ -1,8 +1,11 @@
-"""Dataclasses -> argparse flags, so every option has exactly one default: the dataclass's.
+"""Typed options for every command: each option is declared once, with one default and one help text.
 
-Flags default to None ("not given"); `from_args` builds the dataclass from the given ones
-only, on top of an optional base (e.g. values read from a config file). Help text comes from
-each field's `metadata["help"]`.
+- A config dataclass becomes flags (`add_dataclass_args`): flags default to None ("not given"),
+  and `from_args` builds the dataclass from the given ones only, on top of an optional base
+  (e.g. values read from a config file), so the dataclass's defaults are the only ones. Help
+  text comes from each field's `metadata["help"]`.
+- The options several stages share are declared here: `--model`, `--device`, `--dtype` (one
+  vocabulary: slm/runtime.py), `--json`, `--out`, and `--data` with the stream's flags.
 """
 
 from __future__ import annotations
@@ -11,6 +14,13 @@ import argparse
 import dataclasses
 import types
 import typing
+
+from slm.data.config import DataConfig
+from slm.errors import SlmError
+from slm.runtime import DEFAULT_DEVICE, DEFAULT_DTYPE, dtype_name
+
+MODEL_HELP = ("model: an slm model, run or checkpoint directory, a fine-tuned or quantized directory, a Hugging "
+              "Face directory or hub id, a .gguf file, or the alias smollm2-135m-instruct")
 
 
 def _base_type(tp):
@@ -61,3 +71,46 @@ def given(ns: argparse.Namespace, cls) -> dict:
 def from_args(cls, ns: argparse.Namespace, base: dict | None = None):
     """`cls(**base, **flags given)`: flags override the base, the dataclass fills the rest."""
     return cls(**{**(base or {}), **given(ns, cls)})
+
+
+# ---------------------------------------------------------------------------- shared options
+
+
+def add_model(p: argparse.ArgumentParser, repeat: bool = False, help: str = MODEL_HELP) -> None:
+    """--model MODEL (required); with `repeat`, given once per model into `args.models`."""
+    if repeat:
+        p.add_argument("--model", required=True, action="append", dest="models", metavar="MODEL",
+                       help=help + "; repeat for each model")
+    else:
+        p.add_argument("--model", required=True, help=help)
+
+
+def add_device(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default=DEFAULT_DEVICE, help=f"cpu, cuda, cuda:N or auto (default: {DEFAULT_DEVICE})")
+
+
+def add_dtype(p: argparse.ArgumentParser, choices: tuple[str, ...], what: str) -> None:
+    """--dtype in slm's one vocabulary (fp32, bf16, fp16, auto; f32/f16/float32... accepted),
+    limited to the `choices` this command can use; `what` says what it sets and what auto means."""
+    def parse(text: str) -> str:
+        try:
+            return dtype_name(text, choices)
+        except SlmError as e:  # argparse reports ArgumentTypeError as a usage error
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    p.add_argument("--dtype", type=parse, default=DEFAULT_DTYPE, metavar="{" + ",".join(choices) + "}",
+                   help=f"{what} (default: {DEFAULT_DTYPE})")
+
+
+def add_json(p: argparse.ArgumentParser, what: str = "one JSON object") -> None:
+    p.add_argument("--json", action="store_true", help=f"print {what}")
+
+
+def add_out(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--out", required=True, help=what)
+
+
+def add_data(p: argparse.ArgumentParser, exclude=()) -> None:
+    """`--data SOURCE` plus one flag per DataConfig field (commands that stream data);
+    `from_args(DataConfig, args)` builds the config."""
+    add_dataclass_args(p, DataConfig, exclude=exclude, rename={"source": "--data"})

@@ -6,18 +6,16 @@ import ipaddress
 import os
 import sys
 
-from slm.cli.options import add_dataclass_args, from_args
+from slm.cli.options import add_dataclass_args, add_device, add_model, from_args
 
 
 def register(sub) -> None:
     from slm.serve.config import ServeConfig
 
     p = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API")
-    p.add_argument("--model", required=True,
-                   help="model directory, run directory, Hugging Face directory or hub id, .gguf file, "
-                        "or the alias smollm2-135m-instruct")
+    add_model(p)
     add_dataclass_args(p, ServeConfig)
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto)")
+    add_device(p)
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
                    help="server log level (default: info)")
     p.set_defaults(func=cmd_serve)

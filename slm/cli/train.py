@@ -1,4 +1,4 @@
-"""Training commands: train, plan, eval, sweep, plot."""
+"""Training commands: train, plan, sweep, plot."""
 
 from __future__ import annotations
 
@@ -7,14 +7,12 @@ import json
 import os
 import sys
 
-from slm.cli.options import add_dataclass_args, given
 from slm.cli.core import add_model_shape_args
+from slm.cli.options import add_data, add_dataclass_args, add_json, add_out, given
 from slm.config import ModelConfig
 from slm.data import DataConfig
 from slm.engine.config import TrainConfig
 from slm.engine.plan import PlanRequest
-
-DATA_HELP = DataConfig.__dataclass_fields__["source"].metadata["help"]
 
 
 def add_train_args(p: argparse.ArgumentParser) -> None:
@@ -22,43 +20,30 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", metavar="FILE", help="TOML or YAML file with the same keys as these flags "
                                                     "(flags override it)")
     add_model_shape_args(p)
-    add_dataclass_args(p, DataConfig, rename={"source": "--data"})
+    add_data(p)
     add_dataclass_args(p, TrainConfig)
 
 
 def register(sub) -> None:
     p = sub.add_parser("train", help="train a GPT on a data source (resumable; torchrun for several processes)")
-    p.add_argument("--out", required=True, help="run directory: checkpoints, metrics.jsonl, config, summary")
+    add_out(p, "run directory: checkpoints, metrics.jsonl, config, summary")
     add_train_args(p)
     p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in --out")
-    p.add_argument("--json", action="store_true", help="print the run summary as one JSON object")
+    add_json(p, "the run summary as one JSON object")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("plan", help="memory per device, fits or not, FLOPs per token, time and cost for N tokens")
     add_model_shape_args(p)
     add_dataclass_args(p, PlanRequest, exclude=("model",))
-    p.add_argument("--json", action="store_true", help="print the plan as one JSON object")
+    add_json(p, "the plan as one JSON object")
     p.set_defaults(func=cmd_plan)
 
-    p = sub.add_parser("eval", help="loss and perplexity of a model on a split of a data source")
-    p.add_argument("--model", required=True, help="model directory, training run (its best checkpoint), "
-                                                  "checkpoint directory, or Hugging Face model")
-    add_dataclass_args(p, DataConfig, rename={"source": "--data"})
-    p.add_argument("--split", choices=["val", "test", "train"], default="val", help="(default: val)")
-    p.add_argument("--max-tokens", type=int, help="evaluate at most this many tokens (default: the whole split)")
-    p.add_argument("--batch-size", type=int, default=8, help="sequences per batch (default: 8)")
-    p.add_argument("--block-size", type=int, help="tokens per sequence (default: the model's context)")
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto)")
-    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="autocast dtype (default: fp32)")
-    p.add_argument("--json", action="store_true", help='print {"loss", "perplexity", "tokens", ...}')
-    p.set_defaults(func=cmd_eval)
-
     p = sub.add_parser("sweep", help="train every combination of a grid of settings; table sorted by val loss")
-    p.add_argument("--out", required=True, help="directory for the runs, sweep.md and sweep.json")
+    add_out(p, "directory for the runs, sweep.md and sweep.json")
     p.add_argument("--grid", nargs="+", required=True, metavar="KEY=V1,V2",
                    help="settings to vary, e.g. lr=3e-4,6e-4 batch_size=4,8 (any key slm train takes)")
     add_train_args(p)
-    p.add_argument("--json", action="store_true", help="print the results as one JSON object")
+    add_json(p, "the results as one JSON object")
     p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("plot", help="loss curves of a training run (train and val vs tokens) as a PNG")
@@ -69,7 +54,7 @@ def register(sub) -> None:
 
 def layered_config(args, resume_dir=None) -> dict:
     """Defaults < the run's saved config (on --resume) < --config file < flags."""
-    from slm.engine.config import load_run_config, merge, read_config_file
+    from slm.recipes.config import load_run_config, merge, read_config_file
 
     layers = []
     if resume_dir is not None:
@@ -86,8 +71,8 @@ def _is_main() -> bool:
 
 
 def cmd_train(args) -> int:
-    from slm.engine.config import build_run_config
-    from slm.engine.trainer import describe_summary
+    from slm.engine.metrics import describe_summary
+    from slm.recipes.config import build_run_config
     from slm.recipes.pretrain import train
 
     run = build_run_config(layered_config(args, args.out if args.resume else None))
@@ -106,20 +91,6 @@ def cmd_plan(args) -> int:
         print("measuring this CPU ...", file=sys.stderr)
     plan = make_plan(req)
     print(json.dumps(plan) if args.json else format_plan(plan))
-    return 0
-
-
-def cmd_eval(args) -> int:
-    from slm.recipes.evaluate import evaluate_model
-
-    data = DataConfig(**given(args, DataConfig))
-    r = evaluate_model(args.model, data, split=args.split, max_tokens=args.max_tokens, batch_size=args.batch_size,
-                       block_size=args.block_size, device=args.device, dtype=args.dtype)
-    if args.json:
-        print(json.dumps(r))
-    else:
-        print(f"{r['model']} on {r['split']} of {r['source']}: loss {r['loss']:.4f}, perplexity "
-              f"{r['perplexity']:.2f} ({r['tokens']:,} tokens)")
     return 0
 
 

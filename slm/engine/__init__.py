@@ -1,17 +1,18 @@
-"""Training: the loop and everything around it, reusable by any recipe.
+"""The training engine: everything a recipe trains with, knowing no recipe.
 
-    config.py       TrainConfig (the loop's knobs), config files, a run's resolved config
+    trainer.py      TrainTask and BatchSource (what a recipe plugs in), Trainer (the loop)
+    run.py          a run's lifecycle in its directory: lock, "run exists / --resume", resolved
+                    config, summary, teardown
+    config.py       TrainConfig (the loop's knobs)
     optim.py        AdamW with decay/no-decay groups, warmup + cosine schedule
     losses.py       the LM head and cross-entropy fused and chunked; CausalLMLoss(GPT)
-    loop.py         TrainTask (what a recipe plugs in) and Trainer (the loop), evaluate_loss
+    evaluation.py   held-out loss over finite batches, all ranks together
     checkpoints.py  atomic, verified checkpoints; retention; finding the newest complete one
     guards.py       non-finite steps and loss spikes
-    metrics.py      metrics.jsonl, the progress line, tokens/s and MFU
+    metrics.py      metrics sinks (metrics.jsonl, TensorBoard), the progress line, MFU, the summary
     distributed.py  torchrun: DDP (gloo/NCCL) and FSDP
-    hardware.py     GPU datasheets, measured CPU peaks, available memory
+    hardware.py     GPU datasheets, measured CPU peaks, memory
     plan.py         memory/time/cost estimate (`slm plan`), the fit check before training
-    pretrain.py     the GPT pretraining recipe (`slm train`)
-    evaluation.py   `slm eval`
-    sweep.py        `slm sweep`
-    plot.py         `slm plot`
+    gpt.py          slm's GPT as a TrainTask, random batches to measure it with
+    plot.py         loss curves of a run (`slm plot`)
 """

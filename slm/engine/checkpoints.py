@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import time
 from dataclasses import dataclass
@@ -30,21 +29,12 @@ from typing import Callable
 import torch
 from safetensors.torch import save_file
 
-from slm.artifacts import atomic_write, atomic_write_bytes, fsync_dir, read_tensors, sha256_file
+from slm.artifacts import CHECKPOINT_STATE_FILE, best_checkpoint, checkpoint_name, read_tensors, run_checkpoints
+from slm.io import atomic_write, atomic_write_bytes, fsync_dir, sha256_file
 
 MANIFEST = "manifest.json"
 OPTIMIZER_FILE = "optimizer.safetensors"
-STATE_FILE = "trainer.json"
-_NAME = re.compile(r"^step-(\d+)$")
-
-
-def checkpoint_name(step: int) -> str:
-    return f"step-{step:07d}"
-
-
-def checkpoint_step(path: Path) -> int | None:
-    m = _NAME.match(path.name)
-    return int(m.group(1)) if m else None
+STATE_FILE = CHECKPOINT_STATE_FILE  # the step's trainer state; its name is part of the run layout (artifacts.py)
 
 
 class CorruptCheckpoint(Exception):
@@ -81,14 +71,6 @@ def verify(path: Path) -> dict:
         raise CorruptCheckpoint(f"{STATE_FILE} unreadable: {e}") from None
 
 
-def read_state(path: Path) -> dict | None:
-    """trainer.json without verification (for listing), or None if unreadable."""
-    try:
-        return json.loads((path / STATE_FILE).read_text())
-    except (OSError, ValueError):
-        return None
-
-
 def optimizer_to_tensors(osd: dict) -> tuple[dict[str, torch.Tensor], list[dict]]:
     """A full, name-keyed optimizer state dict -> safetensors tensors + JSON param groups."""
     tensors = {}
@@ -121,10 +103,7 @@ class CheckpointManager:
 
     def checkpoints(self) -> list[Path]:
         """Checkpoint directories, oldest first (complete by construction; verify() checks it)."""
-        if not self.run_dir.is_dir():
-            return []
-        found = [p for p in self.run_dir.iterdir() if p.is_dir() and checkpoint_step(p) is not None]
-        return sorted(found, key=checkpoint_step)
+        return run_checkpoints(self.run_dir)
 
     def latest_valid(self, set_aside: bool = False) -> tuple[Path, dict] | None:
         """The newest checkpoint that passes verification; damaged ones are reported and skipped
@@ -149,12 +128,7 @@ class CheckpointManager:
 
     def best(self) -> Path | None:
         """The checkpoint with the lowest validation loss measured at its step, if any has one."""
-        scored = []
-        for path in self.checkpoints():
-            state = read_state(path)
-            if state and state.get("val_loss") is not None:
-                scored.append((state["val_loss"], checkpoint_step(path), path))
-        return min(scored)[2] if scored else None
+        return best_checkpoint(self.run_dir)
 
     def clean_temporaries(self) -> None:
         """Remove what an interrupted save or prune left behind (hidden .tmp-/.trash- dirs)."""
@@ -210,12 +184,3 @@ def load_optimizer(path: Path) -> dict:
     """The name-keyed optimizer state of a verified checkpoint."""
     state = json.loads((path / STATE_FILE).read_text())
     return optimizer_from_tensors(read_tensors(path / OPTIMIZER_FILE), state["optimizer_param_groups"])
-
-
-def find_model_dir(run_dir: Path) -> Path | None:
-    """What `--model RUN_DIR` loads: the best checkpoint by validation loss, else the latest."""
-    manager = CheckpointManager(run_dir, report=lambda _: None)
-    if not manager.checkpoints():
-        return None
-    return manager.best() or manager.checkpoints()[-1]
-

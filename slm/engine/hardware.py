@@ -8,7 +8,6 @@ rates, printed as assumptions and overridable.
 
 from __future__ import annotations
 
-import functools
 import time
 from dataclasses import dataclass
 
@@ -56,9 +55,20 @@ def detect_gpu(index: int = 0) -> str | None:
     return None
 
 
-@functools.cache
-def cpu_matmul_peak(dtype: torch.dtype = torch.float32, n: int = 1024, seconds: float = 0.3) -> float:
-    """Best measured FLOP/s of an n x n matmul on this CPU with this process's threads."""
+def cpu_matmul_peak(dtype: torch.dtype = torch.float32, n: int = 1024, seconds: float = 0.3, fresh: bool = False
+                    ) -> float:
+    """Best measured FLOP/s of an n x n matmul on this CPU with this process's threads (measured
+    once per process and arguments; `fresh` measures again and keeps the better of the two)."""
+    key = (dtype, n, seconds)
+    if fresh or key not in _PEAKS:
+        _PEAKS[key] = max(_PEAKS.get(key, 0.0), _measure_matmul(dtype, n, seconds))
+    return _PEAKS[key]
+
+
+_PEAKS: dict[tuple, float] = {}
+
+
+def _measure_matmul(dtype: torch.dtype, n: int, seconds: float) -> float:
     g = torch.Generator().manual_seed(0)  # its own generator: measuring must not move a seeded run's RNG
     a = torch.randn(n, n, dtype=dtype, generator=g)
     b = torch.randn(n, n, dtype=dtype, generator=g)
@@ -71,25 +81,16 @@ def cpu_matmul_peak(dtype: torch.dtype = torch.float32, n: int = 1024, seconds: 
     return best
 
 
-def peak_flops(device: torch.device, dtype: torch.dtype) -> float | None:
-    """Peak matmul FLOP/s of the device training runs on: measured on CPU, datasheet on a known GPU."""
+def peak_flops(device: torch.device, dtype: torch.dtype, fresh: bool = False) -> float | None:
+    """Peak matmul FLOP/s of the device training runs on: measured on CPU (`fresh`: again), datasheet
+    on a known GPU."""
     if device.type == "cpu":
-        return cpu_matmul_peak(dtype)
+        return cpu_matmul_peak(dtype, fresh=fresh)
     key = detect_gpu(device.index or 0) if device.type == "cuda" else None
     if key is None:
         return None
     spec = GPUS[key]
     return 1e12 * (spec.bf16_tflops if dtype == torch.bfloat16 else spec.fp32_tflops)
-
-
-def cpu_bf16_native() -> bool:
-    """Whether this CPU has bf16 dot-product instructions (AVX-512 BF16 or AMX)."""
-    caps = torch.backends.cpu.get_cpu_capability()
-    try:
-        flags = open("/proc/cpuinfo").read()
-    except OSError:
-        flags = ""
-    return "avx512_bf16" in flags or "amx_bf16" in flags or caps.startswith("AMX")
 
 
 def keep_freed_memory() -> bool:

@@ -9,10 +9,14 @@ from slm.engine.metrics import METRICS_FILE, read_metrics
 
 
 def ema(values: list[float], alpha: float = 0.1) -> list[float]:
-    out, acc = [], None
-    for v in values:
-        acc = v if acc is None else alpha * v + (1 - alpha) * acc
-        out.append(acc)
+    """Exponential moving average, debiased as Adam's moments are: started at zero and divided by
+    1 - (1 - alpha)^t, each point is a weighted mean of the values seen so far. (Seeded with the
+    first value instead, it would give that value, the highest loss of a run, all the weight the
+    later ones do not have yet, and lag far above the curve early on.)"""
+    out, acc = [], 0.0
+    for t, v in enumerate(values, 1):
+        acc = alpha * v + (1 - alpha) * acc
+        out.append(acc / (1 - (1 - alpha) ** t))
     return out
 
 
@@ -35,7 +39,7 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     if train:
         x, y = zip(*train)
         ax.plot(x, y, color="tab:blue", alpha=0.25, linewidth=0.8)
-        ax.plot(x, ema(list(y)), color="tab:blue", label="train (EMA 0.1)")
+        ax.plot(x, ema(list(y)), color="tab:blue", label="train (EMA 0.1, debiased)")
     if val:
         x, y = zip(*val)
         ax.plot(x, y, "o-", color="tab:orange", label="validation")

@@ -1,12 +1,12 @@
 """The training loop: `Trainer` runs any `TrainTask` with slm's schedule, guards, checkpoints and reports.
 
-A recipe (pretraining in pretrain.py, fine-tuning elsewhere) plugs in a `TrainTask`:
+A recipe (slm/recipes) plugs in a `TrainTask`; the trainer knows nothing else about it:
 
 - `module`: an nn.Module called as `module(*batch)` that returns the mean loss over the batch's
   target tokens. A batch is a tuple of tensors whose first element is the input ids and whose
   last is the targets, -100 where no loss is taken. DDP/FSDP wrap exactly this module.
-- `batches`: an iterable of batches with `state_dict()` / `load_state_dict()` (exact resume).
-- `eval_batches(split)`: a finite iterable of batches of "val" or "test" (or None: no evaluation).
+- `batches`: a `BatchSource` (every capability the trainer uses is declared there).
+- `eval_batches(split)`: finite `Batches` of "val" or "test" (or None: no evaluation).
 - `save_model(directory, state_dict, metadata)` writes a loadable model directory from the
   module's full state dict; `load_model(directory)` returns that state dict again.
 
@@ -27,7 +27,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterator, Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -40,26 +40,49 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from slm.errors import SlmError
 from slm.engine import distributed as D
 from slm.engine.checkpoints import CheckpointManager, load_optimizer, optimizer_to_tensors
 from slm.engine.config import TrainConfig
+from slm.engine.evaluation import Batches, evaluate_loss
 from slm.engine.guards import BadStepGuard, SpikeDetector
-from slm.engine.hardware import cpu_bf16_native, keep_freed_memory, peak_flops, peak_memory
-from slm.engine.metrics import METRICS_FILE, MetricsLog, Progress, Speedometer, format_duration
+from slm.engine.hardware import keep_freed_memory, peak_flops, peak_memory
+from slm.engine.metrics import Metrics, Progress, Speedometer, perplexity
 from slm.engine.optim import lr_at, make_optimizer, set_lr
+from slm.errors import SlmError
+from slm.runtime import autocast, autocast_dtype
 
-IGNORE_INDEX = -100
 _FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+@runtime_checkable
+class BatchSource(Protocol):
+    """What the trainer reads training batches from: every capability it uses.
+
+    Batches are tuples of tensors, input ids first and targets last (-100: no loss there).
+    `state_dict()` is a small JSON-able position that `load_state_dict()` resumes from exactly
+    (saved in every checkpoint, per rank); `close()` stops any background loader; `pass_index`
+    is the pass over the data the source is on (None when it does not count passes), and
+    `skipped` what input it skipped so far, per reason (both reported in the summary)."""
+
+    pass_index: int | None
+    skipped: dict[str, int]
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]: ...
+
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+    def close(self) -> None: ...
 
 
 @dataclass
 class TrainTask:
     module: nn.Module
-    batches: Iterable
+    batches: BatchSource
     save_model: Callable[[Path, dict, dict], None]
     load_model: Callable[[Path], dict]
-    eval_batches: Callable[[str], Iterable] | None = None
+    eval_batches: Callable[[str], Batches] | None = None
     flops_per_token: float = 0.0
     shard_units: list[nn.Module] = field(default_factory=list)  # FSDP units (e.g. transformer blocks)
 
@@ -73,81 +96,6 @@ class StepResult:
     seconds: float
     data_wait: float
     applied: bool
-
-
-def resolve_amp_dtype(name: str, device: torch.device) -> torch.dtype:
-    """The autocast dtype for --dtype: bf16 where the hardware has it natively under 'auto'."""
-    if name == "fp32":
-        return torch.float32
-    if name == "bf16":
-        return torch.bfloat16
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
-    return torch.bfloat16 if device.type == "cpu" and cpu_bf16_native() else torch.float32
-
-
-def autocast(device: torch.device, dtype: torch.dtype):
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16)
-
-
-def count_targets(batch) -> int:
-    return int((batch[-1] != IGNORE_INDEX).sum())
-
-
-def evaluate_loss(module: nn.Module, batches: Iterable, max_batches: int | None, device: torch.device,
-                  dtype: torch.dtype, info: D.DistInfo | None = None, max_targets: int | None = None
-                  ) -> tuple[float, int]:
-    """Mean loss over the target tokens of the first `max_batches` batches (all ranks together).
-    Ranks stop together at the shortest shard, so sharded (FSDP) forwards stay in step."""
-    info = info or D.DistInfo(device=device)
-    was_training = module.training
-    module.eval()
-    total = torch.zeros(2, dtype=torch.float64)  # loss sum, targets
-    it = iter(batches)
-    n = 0
-    with torch.no_grad(), autocast(device, dtype), contextlib.closing(_Closer(batches)):
-        while max_batches is None or n < max_batches:
-            batch = next(it, None)
-            if max_targets is not None and batch is not None:
-                batch = _trim_targets(batch, max_targets - int(total[1]))
-            have = torch.tensor([0.0 if batch is None else 1.0])
-            if info.distributed:  # everyone stops when any rank runs out
-                torch.distributed.all_reduce(have, op=torch.distributed.ReduceOp.MIN)
-            if have.item() == 0:
-                break
-            batch = tuple(t.to(device, non_blocking=True) for t in batch)
-            targets = count_targets(batch)
-            total += torch.tensor([module(*batch).double().item() * targets, targets], dtype=torch.float64)
-            n += 1
-            if max_targets is not None and total[1] >= max_targets:
-                break
-    module.train(was_training)
-    D.all_reduce_sum(total, info)
-    return (total[0] / total[1]).item() if total[1] > 0 else float("nan"), int(total[1])
-
-
-class _Closer:
-    """Stops a stream's background loader when evaluation is done with it."""
-
-    def __init__(self, batches):
-        self.batches = batches
-
-    def close(self) -> None:
-        if hasattr(self.batches, "close"):
-            self.batches.close()
-
-
-def _trim_targets(batch, budget: int):
-    """Mask targets past a token budget (None when nothing is left), so exactly `budget` count."""
-    if budget <= 0:
-        return None
-    valid = batch[-1] != IGNORE_INDEX
-    over = valid & (valid.flatten().cumsum(0).view_as(valid) > budget)
-    if not over.any():
-        return batch
-    rows = int(valid.sum(dim=1).cumsum(0).lt(budget).sum()) + 1  # rows holding the budget's tokens
-    targets = batch[-1].masked_fill(over, IGNORE_INDEX)
-    return tuple(t[:rows] for t in (*batch[:-1], targets))
 
 
 def _rng_state(device: torch.device) -> dict:
@@ -174,7 +122,11 @@ class Trainer:
         self.device = self.info.device
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.metadata = metadata or {}
-        self.amp_dtype = resolve_amp_dtype(cfg.dtype, self.device)
+        if not isinstance(task.batches, BatchSource):
+            missing = [n for n in ("__iter__", "state_dict", "load_state_dict", "close", "pass_index", "skipped")
+                       if not hasattr(task.batches, n)]
+            raise TypeError(f"{type(task.batches).__name__} is not a BatchSource: it lacks {', '.join(missing)}")
+        self.amp_dtype = autocast_dtype(cfg.dtype, self.device)
         if self.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True  # fp32 runs use TF32 tensor cores
         else:
@@ -193,9 +145,11 @@ class Trainer:
         self.progress = progress or Progress(cfg.log_every, enabled=main)
         self.progress.enabled = self.progress.enabled and main
         self.ckpt = CheckpointManager(self.run_dir, cfg.keep_last, report=self.progress.message) if self.run_dir else None
-        self.metrics = MetricsLog(self.run_dir / METRICS_FILE, enabled=main) if self.run_dir else MetricsLog("", False)
+        self.metrics = Metrics(self.run_dir, enabled=main and self.run_dir is not None, tensorboard=cfg.tensorboard)
         peak = peak_flops(self.device, self.amp_dtype)
-        self.speed = Speedometer(task.flops_per_token, peak * self.info.world_size if peak else None)
+        reprobe = ((lambda: peak_flops(self.device, self.amp_dtype, fresh=True) * self.info.world_size)
+                   if self.device.type == "cpu" else None)
+        self.speed = Speedometer(task.flops_per_token, peak * self.info.world_size if peak else None, reprobe=reprobe)
         # run state (saved in checkpoints)
         self.step = 0
         self.tokens = 0
@@ -294,6 +248,8 @@ class Trainer:
 
     def fit(self) -> dict:
         cfg = self.cfg
+        if cfg.max_steps is None and cfg.max_minutes is None:
+            raise SlmError("say how long to train: --max-steps N and/or --max-minutes M")
         self._t0 = time.monotonic()
         self._last_ckpt_time = self._t0
         self._ckpt_time_due = False
@@ -316,14 +272,12 @@ class Trainer:
                     self._no_eval_data("test")
                 else:
                     self.test = (loss, n)
-                    self._log({"test_loss": loss, "test_perplexity": _ppl(loss), "test_tokens": n})
-                    self.progress.message(f"test loss {loss:.4f}, perplexity {_ppl(loss):.2f} ({n:,} tokens)")
+                    self._log({"test_loss": loss, "test_perplexity": perplexity(loss), "test_tokens": n})
+                    self.progress.message(f"test loss {loss:.4f}, perplexity {perplexity(loss):.2f} ({n:,} tokens)")
         finally:
             self.progress.close()
             self._restore_signal_handlers(handlers)
-            close = getattr(self.task.batches, "close", None)
-            if close:
-                close()
+            self.task.batches.close()
             self.metrics.close()
             # DDP's C++ Reducer holds the process group: let it go now, so that teardown's
             # destroy_process_group drops the group's last reference and joins gloo's threads without the
@@ -339,7 +293,7 @@ class Trainer:
             # time-budgeted run: the cosine schedule spans the steps that fit, judged from the first ones
             self.horizon = max(self.step + 1, int(self.step * 60 * cfg.max_minutes / max(self.elapsed, 1e-9)))
             self._event("schedule", horizon=self.horizon)
-        data_pass = getattr(self.task.batches, "pass_index", None)
+        data_pass = self.task.batches.pass_index
         if data_pass is not None and data_pass != self._data_pass:
             if self._data_pass is not None:  # the stream started over on its data (a new shuffle)
                 self._event("data_pass", data_pass=data_pass)
@@ -422,8 +376,8 @@ class Trainer:
         self.last_val, self.val_step = loss, self.step
         if math.isfinite(loss) and (self.best_val is None or loss < self.best_val):
             self.best_val = loss
-        self._log({"val_loss": loss, "val_perplexity": _ppl(loss), "val_tokens": n})
-        self.progress.message(f"step {self.step}: val loss {loss:.4f}, perplexity {_ppl(loss):.2f}")
+        self._log({"val_loss": loss, "val_perplexity": perplexity(loss), "val_tokens": n})
+        self.progress.message(f"step {self.step}: val loss {loss:.4f}, perplexity {perplexity(loss):.2f}")
 
     def _no_eval_data(self, split: str) -> None:
         """A split too small for one batch: say so once, instead of a NaN loss."""
@@ -452,7 +406,7 @@ class Trainer:
         t0 = time.perf_counter()
         model_sd = get_model_state_dict(self.task.module, options=_FULL)
         osd = get_optimizer_state_dict(self.task.module, self.optimizer, options=_FULL)
-        batches_state = self.task.batches.state_dict() if hasattr(self.task.batches, "state_dict") else None
+        batches_state = self.task.batches.state_dict()
         ranks = D.gather_objects({"data": batches_state, "rng": _rng_state(self.device)}, self.info)
         if self.info.is_main and self.ckpt is not None:
             tensors, groups = optimizer_to_tensors(osd)
@@ -537,12 +491,13 @@ class Trainer:
             "steps": self.step,
             "tokens": self.tokens,
             "final_val_loss": self.last_val,
-            "final_val_perplexity": _ppl(self.last_val) if self.last_val is not None else None,
+            "final_val_perplexity": perplexity(self.last_val) if self.last_val is not None else None,
             "best_val_loss": self.best_val,
             "test_loss": self.test[0] if self.test else None,
-            "test_perplexity": _ppl(self.test[0]) if self.test else None,
+            "test_perplexity": perplexity(self.test[0]) if self.test else None,
             "tokens_per_s": round(tok_s, 1),
             "mfu": round(mfu, 4) if mfu is not None else None,
+            "peak_flops": speed.peak_flops,
             "wall_seconds": round(wall, 2),
             "checkpoint_seconds": round(self.ckpt_seconds, 3),
             "checkpoint_saves": self.ckpt_saves,
@@ -559,8 +514,8 @@ class Trainer:
             "dtype": "bf16" if self.amp_dtype == torch.bfloat16 else "fp32",
             "device": self.device.type,
             "world_size": self.info.world_size,
-            "data_pass": getattr(self.task.batches, "pass_index", None),
-            "data_skipped": dict(getattr(self.task.batches, "skipped", {}) or {}),
+            "data_pass": self.task.batches.pass_index,
+            "data_skipped": dict(self.task.batches.skipped),
         }
         return out
 
@@ -586,37 +541,3 @@ class Trainer:
     def _restore_signal_handlers(previous) -> None:
         for s, h in (previous or {}).items():
             signal.signal(s, h)
-
-
-def describe_summary(s: dict) -> str:
-    """The run summary for people (the CLI prints it; --json prints the dict)."""
-    lines = [f"trained {s['steps']} steps ({s['tokens']:,} tokens) in {format_duration(s['wall_seconds'])}; "
-             f"{s['tokens_per_s']:,.0f} tok/s" + (f", MFU {100 * s['mfu']:.1f}%" if s["mfu"] is not None else "")]
-    if s["final_val_loss"] is not None:
-        lines.append(f"val loss {s['final_val_loss']:.4f} (perplexity {s['final_val_perplexity']:.2f})"
-                     + (f", test loss {s['test_loss']:.4f} (perplexity {s['test_perplexity']:.2f})"
-                        if s["test_loss"] is not None else ""))
-    if s["checkpoint_saves"]:
-        lines.append(f"checkpoints: {s['checkpoint_saves']} saves, {s['checkpoint_seconds']:.2f} s total "
-                     f"({s['checkpoint_seconds'] / s['checkpoint_saves']:.2f} s and "
-                     f"{s['checkpoint_bytes_per_save'] / 1e6:.1f} MB per save), "
-                     f"{100 * s['checkpoint_share']:.1f}% of wall time")
-    if s.get("planned_memory_bytes"):
-        lines.append(f"memory: planned {s['planned_memory_bytes'] / 2**30:.2f} GiB, measured peak "
-                     f"{s['peak_memory_bytes'] / 2**30:.2f} GiB")
-    if s["best_checkpoint"] or s["last_checkpoint"]:
-        lines.append(f"best checkpoint {s['best_checkpoint'] or s['last_checkpoint']}")
-    if s.get("data_skipped"):
-        lines.append("data skipped: " + ", ".join(f"{k} {v:,}" for k, v in sorted(s["data_skipped"].items())))
-    if s["nonfinite_skips"] or s["loss_spikes"]:
-        lines.append(f"stability: {s['nonfinite_skips']} non-finite steps skipped, {s['loss_spikes']} loss spikes, "
-                     f"{s['rollbacks']} rollbacks")
-    if s["stopped"] == "signal":
-        lines.append("stopped by a signal after saving; continue with --resume")
-    return "\n".join(lines)
-
-
-def _ppl(loss: float | None) -> float | None:
-    if loss is None or not math.isfinite(loss):
-        return None
-    return math.exp(min(loss, 700.0))

@@ -15,11 +15,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from slm.artifacts import atomic_write_bytes, load_model, model_tensors, read_config, write_json
+from slm.artifacts import GPT_KIND, load_model, model_tensors, read_config, resolve_artifact_dir
 from slm.errors import SlmError
-from slm.loading import resolve_artifact_dir
-
-FORMATS = ("hf", "gguf")
+from slm.io import atomic_write_bytes, write_json
 
 
 def open_for_export(spec: str | Path):
@@ -32,11 +30,11 @@ def open_for_export(spec: str | Path):
         raise SlmError(f"model not found: {spec} is not a directory")
     path = resolve_artifact_dir(path)
     try:
-        kind = read_config(path).get("kind", "gpt")
+        kind = read_config(path).get("kind", GPT_KIND)
     except SlmError as e:
         raise SlmError(f"{e} (export takes slm models; a Hugging Face model directory is already in "
                        f"transformers' format)") from None
-    if kind != "gpt":
+    if kind != GPT_KIND:
         raise SlmError(
             f"{path} is an slm artifact of kind {kind!r}; only plain GPT weights (kind 'gpt') map onto GPT-2's "
             f"formats. For a quantized artifact, export the fp32 model it was made from (--format gguf "

@@ -1,7 +1,7 @@
-"""Quantized model directories: quantize a model into one, and load one without an fp32 copy.
+"""Quantized model directories: write one, and load one without an fp32 copy.
 
 Two artifact kinds, both loaded by `slm.loading.open_model` (and so by generate, eval,
-eval-sql, bench and the server):
+eval-sql, bench and the server); `slm quantize` (slm/recipes/quantize.py) makes them:
 
     "gpt-quantized"  an slm GPT
     "hf-quantized"   a Hugging Face causal LM (SmolLM2, fine-tuned or merged ones, ...)
@@ -29,99 +29,36 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-import slm
-from slm.artifacts import (CONFIG_FILE, FORMAT, FORMAT_VERSION, TensorFile, model_config_json, read_artifact,
-                            read_config, save_tensors, verify_weights)
+from slm.artifacts import (CONFIG_FILE, GPT_QUANTIZED, HF_QUANTIZED, LoadedModel, TensorFile, gpt_header, header,
+                           read_artifact, read_config, save_tensors, verify_weights)
 from slm.errors import SlmError
-from slm.loading import LoadedModel, open_model
-from slm.quant.quantize import (TABLE, QuantConfig, build_module, is_linear, linear_weight, quantize_model,
-                                quantized_state, resolve_method, set_module)
+from slm.inference import for_inference
+from slm.interop.hf_causal import hf_tokenizer_fingerprint, wrap_hf
+from slm.model import GPT
+from slm.quant.quantize import TABLE, build_module, linear_weight, set_module
+from slm.tokenizer import TokenizerIdentity, check_identity, get_tokenizer
 
-GPT_KIND = "gpt-quantized"
-HF_KIND = "hf-quantized"
 HF_DIR = "hf"
 # Tensors each quantized module type stores (bias, and input_range for static, when present).
 REQUIRED = {"int8": ("qweight", "scale"), "int4": ("qweight", "scale", "zero"), "int8-embedding": ("qweight", "scale")}
 
 
-# ------------------------------------------------------------------------------ quantizing
+# ------------------------------------------------------------------------------ writing
 
 
-def quantize_to_dir(source: str, out: str | Path, cfg: QuantConfig, calibration=None) -> dict:
-    """Quantize the model `source` names (anything open_model accepts: slm GPTs, fine-tunes,
-    Hugging Face causal LMs) into the directory `out`; returns a summary. static-int8
-    calibrates on batches from `cfg`'s calibration data (calibrate.py), or on the token
-    batches `calibration(tokenizer, block_size)` yields when given."""
-    from slm.inference import to_linear_layout
-    from slm.interop.hf_causal import HFCausalLM
-    from slm.model import GPT
-    from slm.quant.calibrate import calibration_batches, calibration_data, input_ranges
-
-    out = Path(out)
-    if Path(source).exists() and out.exists() and out.resolve() == Path(source).resolve():
-        raise SlmError(f"--out {out} is the model being quantized; write the quantized copy elsewhere")
-    loaded = open_model(source)
-    if loaded.kind in (GPT_KIND, HF_KIND):
-        raise SlmError(f"{source} is already quantized ({loaded.kind}); quantize the float model it came from")
-    if isinstance(loaded.model, GPT):
-        root = run = to_linear_layout(loaded.model)  # saved names and shapes
-        embedding, head = "transformer.wte", "lm_head"
-    elif isinstance(loaded.model, HFCausalLM):
-        root, run = loaded.model.hf, loaded.model
-        embedding, head = module_names(root)
-    else:
-        raise SlmError(f"{source}: quantizing a {type(loaded.model).__name__} is not supported")
-    cfg = resolve_method(cfg, root)
-    tokenizer = loaded.tokenizer
-    float_bytes = sum(t.numel() * 4 for t in unique_tensors(root))
-
-    ranges, calibrated_on = None, None
-    if cfg.method == "static-int8":
-        block = loaded.model.config.block_size
-        if calibration is None:
-            data = calibration_data(str(source), cfg)
-            batches = calibration_batches(data, cfg, tokenizer, str(source), block)
-            calibrated_on = {"source": data.source, "batches": len(batches), "batch_shape": list(batches[0].shape)}
-        else:
-            batches = calibration(tokenizer, block)
-        linears = {n: m for n, m in root.named_modules() if is_linear(m)}
-        ranges = input_ranges(run, linears, batches)
-    info = quantize_model(root, cfg, embedding, head, ranges)
-    if calibrated_on:
-        info["calibration"] = calibrated_on
-    tensors, aliases = quantized_state(root, info)
-    info["aliases"] = aliases
-    info["source"] = {"model": str(source), "kind": loaded.kind}
-    metadata = {"created_by": "slm quantize"}
+def write_quantized(out: Path, root: nn.Module, tokenizer, info: dict, tensors: dict[str, torch.Tensor],
+                    metadata: dict) -> dict:
+    """Write a quantized artifact of `root` (an slm GPT or a transformers model) into `out`:
+    its tensors (`quantize.quantized_state`), config.json with the `info` of quantize_model as
+    its "quantization" section, and for Hugging Face models the files to rebuild them (hf/)."""
     if isinstance(root, GPT):
-        config = model_config_json(root.config, tokenizer.identity, metadata, kind=GPT_KIND)
+        config = gpt_header(root.config, tokenizer.identity, metadata, kind=GPT_QUANTIZED)
     else:
         save_hf_files(out / HF_DIR, root, tokenizer)
-        config = {"format": FORMAT, "format_version": FORMAT_VERSION, "kind": HF_KIND,
-                  "slm_version": slm.__version__, "tokenizer": tokenizer.identity.to_dict(),
-                  "hf": {"dir": HF_DIR, "model_type": root.config.model_type}, "metadata": metadata}
+        config = header(HF_QUANTIZED, tokenizer.identity, metadata,
+                        hf={"dir": HF_DIR, "model_type": root.config.model_type})
     config["quantization"] = info
-    written = save_tensors(out, tensors, config)
-    n_linear = sum(1 for s in info["modules"].values() if s["type"] != "int8-embedding")
-    return {"out": str(out), "kind": config["kind"], "method": cfg.method,
-            "quantized_modules": len(info["modules"]), "quantized_linear": n_linear,
-            "float_modules": info["float_modules"], "float_bytes": float_bytes, "calibration": calibrated_on,
-            "file_bytes": written["weights"]["bytes"], "size_ratio": written["weights"]["bytes"] / float_bytes}
-
-
-def module_names(hf_model: nn.Module) -> tuple[str, str | None]:
-    """(token embedding, output layer) module names of a transformers model."""
-    names = {id(m): n for n, m in hf_model.named_modules()}
-    emb, head = hf_model.get_input_embeddings(), hf_model.get_output_embeddings()
-    return names[id(emb)], (names[id(head)] if head is not None else None)
-
-
-def unique_tensors(root: nn.Module):
-    seen = set()
-    for t in chain(root.parameters(), root.buffers()):
-        if t.data_ptr() not in seen and t.is_floating_point():
-            seen.add(t.data_ptr())
-            yield t
+    return save_tensors(out, tensors, config)
 
 
 def save_hf_files(directory: Path, hf_model: nn.Module, tokenizer) -> None:
@@ -233,10 +170,6 @@ def materialize(root: nn.Module, q: dict, f: TensorFile) -> None:
 
 def load_gpt_quantized(path: Path, device=None, dtype=None) -> LoadedModel:
     """An slm GPT quantized artifact, on the CPU (where its kernels run), decode layout."""
-    from slm.inference import for_inference
-    from slm.model import GPT
-    from slm.tokenizer import get_tokenizer
-
     art = read_artifact(path)
     tokenizer = get_tokenizer()
     tokenizer.check(art.tokenizer, f"model {art.path}")
@@ -245,7 +178,7 @@ def load_gpt_quantized(path: Path, device=None, dtype=None) -> LoadedModel:
     with torch.device("meta"):
         model = GPT(art.model)
     materialize(model, q, f)
-    return LoadedModel(for_inference(model), tokenizer, path.name, GPT_KIND, str(path), art.raw)
+    return LoadedModel(for_inference(model), tokenizer, path.name, GPT_QUANTIZED, str(path), art.raw)
 
 
 def load_hf_quantized(path: Path, device=None, dtype=None) -> LoadedModel:
@@ -256,9 +189,6 @@ def load_hf_quantized(path: Path, device=None, dtype=None) -> LoadedModel:
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     except ImportError:
         raise SlmError("Hugging Face models need transformers and accelerate: pip install 'slm[hf]'") from None
-    from slm.interop.hf_causal import hf_tokenizer_fingerprint, wrap_hf
-    from slm.tokenizer import TokenizerIdentity, check_identity
-
     raw = read_config(path)
     q = quantization_section(raw, path)
     hf_dir = path / raw.get("hf", {}).get("dir", HF_DIR)
@@ -278,5 +208,5 @@ def load_hf_quantized(path: Path, device=None, dtype=None) -> LoadedModel:
         hf_model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     materialize(hf_model, q, f)
     model, tokenizer = wrap_hf(hf_model, tok, name)
-    return LoadedModel(model, tokenizer, path.name, HF_KIND, str(path), raw)
+    return LoadedModel(model, tokenizer, path.name, HF_QUANTIZED, str(path), raw)
 

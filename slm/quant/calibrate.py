@@ -19,11 +19,11 @@ from typing import Callable, Iterable
 import torch
 import torch.nn as nn
 
+from slm.artifacts import read_run_config
 from slm.data import DataConfig, TokenStream
 from slm.errors import SlmError
 from slm.quant.quantize import QuantConfig
 from slm.tokenizer import require_gpt2
-from slm.engine.config import load_run_config
 
 
 def calibration_data(model: str, cfg: QuantConfig) -> DataConfig:
@@ -33,8 +33,8 @@ def calibration_data(model: str, cfg: QuantConfig) -> DataConfig:
         return DataConfig(source=cfg.calib_data)
     path = Path(model)
     for run_dir in (path, path.parent) if path.is_dir() else ():
-        run = load_run_config(run_dir)
-        if run:  # a few batches: no loader processes
+        run = read_run_config(run_dir)
+        if run.get("data"):  # a few batches: no loader processes
             return dataclasses.replace(DataConfig(**run["data"]), num_workers=0)
     return DataConfig()
 

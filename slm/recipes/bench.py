@@ -128,9 +128,8 @@ def val_perplexity(loaded, spec: str, cfg: BenchConfig) -> dict:
 
 def sql_accuracy(loaded, sql_data: str) -> dict:
     """Execution accuracy with `slm eval-sql`'s evaluator and its default settings."""
-    from slm.recipes.config import EvalSqlConfig
     from slm.tasks.examples import load_examples
-    from slm.tasks.sql.scoring import evaluate, model_replier
+    from slm.tasks.sql.scoring import EvalSqlConfig, evaluate, model_replier
 
     cfg = EvalSqlConfig()
     examples, _, _ = load_examples(sql_data)
@@ -214,7 +213,10 @@ def table(rows: list[dict]) -> str:
             cells.append(cell)
         lines.append(cells)
     widths = [max(len(x) for x in col) for col in zip(head, *lines)]
-    fmt_line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()
+
+    def fmt_line(cells):
+        return "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()
+
     return "\n".join([fmt_line(head)] + [fmt_line(c) for c in lines])
 
 

@@ -1,20 +1,136 @@
-"""Fine-tuning's typed options: `slm finetune` and `slm eval-sql` flags come from these.
+"""The recipes' typed settings: `slm train`'s and `slm finetune`'s flags and config files come from these.
 
-Kept apart from the code that uses them, so building the CLI does not import the training
-loop, peft or transformers.
+Pretraining: `RunConfig` (model shape, data, loop), read three ways, later ones winning: the
+dataclass defaults, a config file (TOML or YAML, or a run's saved `train_config.json`), and
+command-line flags. A config file holds the same keys as the flags, either flat (`lr = 6e-4`,
+`data = "wiki-vital"`, `preset = "tiny"`) or in `[model]`, `[data]` and `[train]` sections,
+which is how a run saves its resolved configuration.
+
+Fine-tuning: `FinetuneConfig` (what to tune, on which examples) and `FinetuneTrainConfig` (the
+loop's knobs with fine-tuning defaults); LoRA's shape is `lora.LoraSettings`.
+
+Kept apart from the recipes, so building the CLI does not import peft or transformers.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import tomllib
 from dataclasses import dataclass, field
+from pathlib import Path
 
-from slm.errors import SlmError
-from slm.tasks.examples import FORMATS
+import yaml
+
+from slm.artifacts import read_run_config
+from slm.config import ModelConfig, resolve_model_config
+from slm.data import DataConfig
 from slm.engine.config import TrainConfig
+from slm.errors import SlmError
+from slm.tasks.encode import TRUNCATION
+from slm.tasks.examples import FORMATS
 
-TRUNCATION = ("left", "drop")
-GPT_TARGETS = ["c_attn", "c_proj", "c_fc"]  # LoRA on slm's GPT: every projection, not the tied head
-HF_TARGETS = "all-linear"  # peft: every linear layer of a transformers model except its output head
+
+# ---------------------------------------------------------------------------- pretraining
+
+
+@dataclass
+class RunConfig:
+    """Everything `slm train` needs: model shape, data, loop. Saved as the run's train_config.json."""
+
+    model: ModelConfig
+    data: DataConfig
+    train: TrainConfig
+    preset: str | None = None
+
+    def to_dict(self) -> dict:
+        return {"preset": self.preset, "model": self.model.to_dict(), "data": dataclasses.asdict(self.data),
+                "train": dataclasses.asdict(self.train)}
+
+
+def _fields(cls) -> set[str]:
+    return {f.name for f in dataclasses.fields(cls)}
+
+
+# Flat keys: "data" names the source (as --data does); every other key is a field of exactly one.
+SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig}
+_OWNER = {name: section for section, cls in SECTIONS.items() for name in _fields(cls)}
+assert len(_OWNER) == sum(len(_fields(c)) for c in SECTIONS.values()), "config field names must be unique"
+
+
+def read_config_file(path: str | Path) -> dict:
+    """A TOML, YAML or JSON config file as {"preset"?, "model": {}, "data": {}, "train": {}}."""
+    path = Path(path)
+    if not path.is_file():
+        raise SlmError(f"config file not found: {path}")
+    text = path.read_text()
+    try:
+        raw = tomllib.loads(text) if path.suffix == ".toml" else yaml.safe_load(text)
+    except (tomllib.TOMLDecodeError, yaml.YAMLError) as e:
+        raise SlmError(f"cannot parse config file {path}: {e}") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise SlmError(f"config file {path} must hold a table of keys, not {type(raw).__name__}")
+    return split_flat({str(k).replace("-", "_"): v for k, v in raw.items()}, where=str(path))
+
+
+def split_flat(values: dict, where: str = "config") -> dict:
+    """Sort flat keys (and [model]/[data]/[train] sections) into sections."""
+    out: dict = {"model": {}, "data": {}, "train": {}}
+    for key, value in values.items():
+        if key == "preset":
+            out["preset"] = value
+        elif key in ("model", "train") or (key == "data" and isinstance(value, dict)):
+            if not isinstance(value, dict):
+                raise SlmError(f"{where}: [{key}] must be a table")
+            for k, v in value.items():
+                k = str(k).replace("-", "_")
+                if k not in _fields(SECTIONS[key]):
+                    raise SlmError(f"{where}: unknown key {k!r} in [{key}]; known: {', '.join(sorted(_fields(SECTIONS[key])))}")
+                out[key][k] = v
+        elif key == "data":
+            out["data"]["source"] = value
+        elif key in _OWNER and key != "source":
+            out[_OWNER[key]][key] = value
+        else:
+            raise SlmError(f"{where}: unknown key {key!r}; use the names of the flags (e.g. lr, batch_size, "
+                           f"data, preset, n_layer)")
+    return out
+
+
+def merge(*layers: dict) -> dict:
+    """Later layers override earlier ones, key by key within each section."""
+    out: dict = {"model": {}, "data": {}, "train": {}}
+    for layer in layers:
+        if layer.get("preset") is not None:
+            out["preset"] = layer["preset"]  # the base shape; shape keys of every layer override it
+        for section in SECTIONS:
+            out[section].update({k: v for k, v in layer.get(section, {}).items() if v is not None})
+    return out
+
+
+def build_run_config(values: dict) -> RunConfig:
+    model_keys = {k: v for k, v in values["model"].items() if k != "vocab_size"}
+    model = resolve_model_config(values.get("preset"), **model_keys)
+    if "vocab_size" in values["model"]:
+        model = dataclasses.replace(model, vocab_size=values["model"]["vocab_size"])
+    try:
+        data = DataConfig(**values["data"])
+        train = TrainConfig(**values["train"])
+    except TypeError as e:
+        raise SlmError(f"bad configuration: {e}") from None
+    return RunConfig(model, data, train, values.get("preset"))
+
+
+def load_run_config(directory: Path) -> dict:
+    """A run's saved config as layered values (for --resume), or {} if it has none."""
+    raw = read_run_config(directory)
+    if not raw:
+        return {}
+    return {"preset": raw.get("preset"), "model": raw["model"], "data": raw["data"], "train": raw["train"]}
+
+
+# ---------------------------------------------------------------------------- fine-tuning
 
 
 @dataclass
@@ -41,7 +157,7 @@ class FinetuneConfig:
     merge: bool = field(default=False, metadata={"help": "also write OUT/model: the base with the adapter merged in"})
     activation_checkpointing: bool = field(default=False, metadata={
         "help": "keep only each layer's input and recompute the rest in the backward pass: much less memory "
-                "for more compute (SmolLM2-135M LoRA, 3 x 768 tokens, CPU: peak 7.2 -> 2.7 GB, 0.72x the speed)"})
+                "for more compute (measured in bench/README.md)"})
 
     def __post_init__(self):
         if self.max_seq_len < 8:
@@ -62,34 +178,3 @@ class FinetuneTrainConfig(TrainConfig):
     ckpt_minutes: float | None = field(default=10.0, metadata={"help": "checkpoint every M minutes"})
     keep_last: int = field(default=2, metadata={"help": "checkpoints kept besides the best by validation loss"})
     seed: int = field(default=0, metadata={"help": "seed for LoRA initialization, data order and dropout"})
-
-
-@dataclass
-class LoraSettings:
-    """LoRA's shape: rank, scale, dropout and which layers get adapters."""
-
-    lora_r: int = field(default=16, metadata={"help": "LoRA rank"})
-    lora_alpha: float = field(default=32.0, metadata={"help": "LoRA scale numerator (the update is B A * alpha / r)"})
-    lora_dropout: float = field(default=0.05, metadata={"help": "dropout on the LoRA input"})
-    lora_targets: list[str] | None = field(default=None, metadata={
-        "help": "module names to adapt (default: every projection: all-linear for transformers models, "
-                f"{' '.join(GPT_TARGETS)} for slm's GPT)"})
-
-    def __post_init__(self):
-        if self.lora_r < 1:
-            raise SlmError(f"lora_r must be >= 1, got {self.lora_r}")
-        if not 0.0 <= self.lora_dropout < 1.0:
-            raise SlmError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
-
-
-@dataclass
-class EvalSqlConfig:
-    """How `slm eval-sql` generates, runs and judges each example."""
-
-    limit: int | None = field(default=None, metadata={"help": "evaluate the first N examples only"})
-    max_new_tokens: int = field(default=256, metadata={"help": "longest reply generated per question"})
-    databases: int = field(default=3, metadata={"help": "seeded databases per schema-only context (test suite)"})
-    timeout: float = field(default=5.0, metadata={"help": "seconds a query may run before it is stopped"})
-    max_rows: int = field(default=10_000, metadata={"help": "rows fetched per query at most"})
-    seed: int = field(default=0, metadata={"help": "seed of the synthetic database rows"})
-    show: int = field(default=4, metadata={"help": "worked examples in the report"})

@@ -15,12 +15,14 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from slm.artifacts import GPT_KIND, artifact_kind, load_model, resolve_artifact_dir
 from slm.data import DataConfig, TokenStream, check_source
-from slm.errors import SlmError
-from slm.runtime import resolve_device, resolve_dtype
-from slm.tokenizer import require_gpt2
-from slm.engine.trainer import evaluate_loss
+from slm.engine.evaluation import evaluate_loss
 from slm.engine.losses import CausalLMLoss
+from slm.errors import SlmError
+from slm.loading import open_model
+from slm.runtime import DEFAULT_DTYPE, autocast_dtype, resolve_device
+from slm.tokenizer import require_gpt2
 
 
 class _ForwardLoss(nn.Module):
@@ -36,13 +38,10 @@ class _ForwardLoss(nn.Module):
 
 def load_for_eval(spec: str, device: torch.device) -> tuple[nn.Module, int, str]:
     """(module computing the loss, context length, resolved path) for a --model spec."""
-    from slm.artifacts import load_model
-    from slm.loading import _slm_kind, open_model, resolve_artifact_dir
-
     path = Path(spec)
     if path.is_dir():
         path = resolve_artifact_dir(path)
-        if _slm_kind(path) == "gpt":
+        if artifact_kind(path) == GPT_KIND:
             model, _ = load_model(path, device=device)
             return CausalLMLoss(model), model.config.block_size, str(path)
     loaded = open_model(spec, device=device)
@@ -73,7 +72,7 @@ def split_loss(module: nn.Module, context: int, data: DataConfig, split: str = "
 
 def evaluate_model(spec: str, data: DataConfig, split: str = "val", max_tokens: int | None = None,
                    batch_size: int = 8, block_size: int | None = None, device: str = "auto",
-                   dtype: str = "fp32") -> dict:
+                   dtype: str = DEFAULT_DTYPE) -> dict:
     if split not in ("train", "val", "test"):
         raise SlmError(f"split must be train, val or test, got {split!r}")
     if max_tokens is not None and max_tokens < 1:
@@ -81,5 +80,5 @@ def evaluate_model(spec: str, data: DataConfig, split: str = "val", max_tokens: 
     dev = resolve_device(device)
     check_source(data, split=split)
     module, context, path = load_for_eval(spec, dev)
-    return {**split_loss(module, context, data, split, max_tokens, batch_size, block_size, resolve_dtype(dtype)),
-            "model": path}
+    amp = autocast_dtype(dtype, dev)
+    return {**split_loss(module, context, data, split, max_tokens, batch_size, block_size, amp), "model": path}

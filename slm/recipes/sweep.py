@@ -16,10 +16,11 @@ import math
 import typing
 from pathlib import Path
 
-from slm.artifacts import write_json
+from slm.engine.run import SUMMARY_FILE
 from slm.errors import SlmError
-from slm.engine.config import SECTIONS, build_run_config, merge, split_flat
-from slm.recipes.pretrain import SUMMARY_FILE, train
+from slm.io import write_json
+from slm.recipes.config import SECTIONS, build_run_config, merge, split_flat
+from slm.recipes.pretrain import train
 
 RESULTS_FILE = "sweep.json"
 TABLE_FILE = "sweep.md"

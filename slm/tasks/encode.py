@@ -17,13 +17,14 @@ from dataclasses import dataclass, field
 
 import torch
 
+from slm.engine.losses import IGNORE_INDEX
 from slm.errors import SlmError
-from slm.recipes.config import TRUNCATION
 from slm.tasks.examples import Example
 from slm.tasks.sql.prompts import prompt_messages
 from slm.prompts import chat_prompt, plain_chat_prompt
 
-IGNORE = -100
+IGNORE = IGNORE_INDEX  # labels of prompt and padding positions
+TRUNCATION = ("left", "drop")  # what happens to an example longer than max_seq_len
 
 
 @dataclass
@@ -149,6 +150,18 @@ class BatchSampler:
         ids = self._order[self.position]
         self.position += 1
         return collate([self.data[i] for i in ids], self.pad_id)
+
+    @property
+    def pass_index(self) -> int:
+        """The epoch: each pass over the examples is a new permutation."""
+        return self.epoch
+
+    @property
+    def skipped(self) -> dict[str, int]:
+        return {}  # examples too long were dropped when encoding (EncodeStats), not here
+
+    def close(self) -> None:
+        pass
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "position": self.position, "seed": self.seed}

@@ -21,14 +21,27 @@ from __future__ import annotations
 import re
 import sys
 import time
+from dataclasses import dataclass, field
 from typing import Callable
 
-from slm.recipes.config import EvalSqlConfig
 from slm.tasks.examples import Example
 from slm.tasks.sql.prompts import compact_sql, prompt_messages
 from slm.tasks.sql.execution import ContextError, Limits, judge, prepare_suite
 from slm.generate import SamplingConfig, generate
 from slm.prompts import chat_prompt
+
+
+@dataclass
+class EvalSqlConfig:
+    """How `slm eval-sql` generates, runs and judges each example."""
+
+    limit: int | None = field(default=None, metadata={"help": "evaluate the first N examples only"})
+    max_new_tokens: int = field(default=256, metadata={"help": "longest reply generated per question"})
+    databases: int = field(default=3, metadata={"help": "seeded databases per schema-only context (test suite)"})
+    timeout: float = field(default=5.0, metadata={"help": "seconds a query may run before it is stopped"})
+    max_rows: int = field(default=10_000, metadata={"help": "rows fetched per query at most"})
+    seed: int = field(default=0, metadata={"help": "seed of the synthetic database rows"})
+    show: int = field(default=4, metadata={"help": "worked examples in the report"})
 
 
 # ---------------------------------------------------------------------------- extracting SQL
