@@ -114,8 +114,8 @@ class Tokenizer:
     encode_ordinary = encode  # the name HFTokenizer uses for the same guarantee
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        # Measured here: a plain per-document loop beats tiktoken's threaded batch call on
-        # short documents (~5M vs ~3M tokens/s on 2 cores), so that is what we use.
+        # A plain per-document loop beats tiktoken's threaded batch call on short documents
+        # (measured: bench/README.md, "Measurements behind design choices").
         enc = self.encoding.encode_ordinary
         return [enc(t) for t in texts]
 

@@ -43,11 +43,11 @@ def quiet_third_party_logs() -> None:
 def passive_omp_threads() -> None:
     """On a CPU that other programs already keep busy, let idle OpenMP threads sleep instead of spin.
 
-    A spinning thread keeps its core while the thread it waits for may be descheduled: on this
-    2-core machine under load, batch-1 decoding of the 124M model ran 3-10x slower and LoRA training
-    5x slower with spinning threads. On an idle CPU spinning is what makes small kernels fast
-    (int8 decoding ran 1.4x faster with libgomp's default than with PASSIVE), so the policy is only
-    set when the load average already reaches the core count, and never over OMP_WAIT_POLICY.
+    A spinning thread keeps its core while the thread it waits for may be descheduled, which makes
+    decoding and training several times slower on a busy CPU; on an idle CPU spinning is what makes
+    small kernels fast (both measured: bench/README.md, "Measurements behind design choices"). So
+    the policy is only set when the load average already reaches the core count, and never over
+    OMP_WAIT_POLICY.
     libgomp reads the variable when torch is imported, so this runs before any command module is."""
     try:
         busy = os.getloadavg()[0] >= (os.cpu_count() or 1)

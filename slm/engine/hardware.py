@@ -97,8 +97,8 @@ def keep_freed_memory() -> bool:
     """Tell glibc's malloc to serve every allocation from its heap and keep freed memory for
     reuse (M_MMAP_MAX=0, a high M_TRIM_THRESHOLD). By default it maps allocations above 32 MB
     fresh from the OS and unmaps them on free, so a training step's large tensors (logits,
-    activations) are page-faulted and zeroed anew every step: on this 2-core VM that cost the
-    cross-entropy alone ~35% (bench/train.py). Process-wide; the peak is reused, never exceeded.
+    activations) are page-faulted and zeroed anew every step, a large share of the cross-entropy's
+    time on a CPU (bench/train.py). Process-wide; the peak is reused, never exceeded.
     Returns whether it applied (glibc only)."""
     import ctypes
     import ctypes.util

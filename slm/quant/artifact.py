@@ -120,7 +120,7 @@ def _module_tensors(f: TensorFile, name: str, spec: dict, module: nn.Module) -> 
 def release_freed_memory() -> None:
     """Hand freed heap memory back to the OS (glibc only; elsewhere a no-op). Repacking leaves
     the temporary copies' memory in the heap between long-lived packed buffers, where it would
-    count as resident (~90 MB for the 124M model) without this."""
+    count as resident without this (bench/README.md, "Measurements behind design choices")."""
     try:
         ctypes.CDLL(None).malloc_trim(0)
     except (OSError, AttributeError):

@@ -31,9 +31,9 @@ METHODS = {
     "static-int8": ("int8", "static"),
     "weight-int4": ("int4", "weight"),
 }
-# "auto", the default, is the fastest method that kept quality in bench/quant.py: dynamic-int8
-# for slm GPTs (perplexity unchanged, decode 3x), weight-int8 for Hugging Face models (on a
-# SmolLM2 SQL fine-tune, dynamic-int8 lost 11 points of execution accuracy, weight-int8 none).
+# "auto", the default, is the fastest method that kept quality in bench/quant.py (numbers in
+# bench/README.md): dynamic-int8 for slm GPTs, weight-int8 for Hugging Face models (dynamic-int8's
+# per-call int8 activations cost a SmolLM2 SQL fine-tune its accuracy, weight-int8's did not).
 AUTO = {"gpt": "dynamic-int8", "hf": "weight-int8"}
 TABLE = ("qweight", "scale")  # what a tied head takes from its embedding
 # weight-int4 keeps the head (and its tied embedding) int8: the head decides every token,

@@ -3,8 +3,8 @@ run by the engine.
 
 What this recipe plugs into the trainer (`TrainTask`):
 - `module`: `CompletionLoss`, the model plus a loss over completion tokens only; the output
-  head runs only on positions that have a target (the SQL answer is ~10% of each sequence,
-  and the head is a fifth of SmolLM2's FLOPs);
+  head runs only on positions that have a target (an answer is a small part of each sequence,
+  and the head a large part of a small model's FLOPs);
 - `batches`: `tasks.encode.BatchSampler`, resumable;
 - `eval_batches`: the held-out examples ("val" halves for periodic evaluation, "test" for the end);
 - `save_model` / `load_model`: a checkpoint is itself a fine-tune artifact (LoRA: the adapter

@@ -13,8 +13,8 @@ model's chat template, or slm's plain template for slm's own models):
             Hint: ...            (BIRD's evidence, when the row has one)
 
 The schema is compacted (runs of whitespace outside quoted names and strings become one
-space, one statement per line): BIRD's schemas are indented for people, and the spaces cost
-~20% of the prompt's tokens without telling the model anything.
+space, one statement per line): BIRD's schemas are indented for people, and the spaces cost a
+share of the prompt's tokens (bench/README.md) without telling the model anything.
 """
 
 from __future__ import annotations
