@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from slm.artifacts import FINETUNE, header, read_tensors, save_model
+from slm.artifacts import FINETUNE, HF_KIND, header, read_tensors, save_model
 from slm.engine.losses import IGNORE_INDEX, linear_cross_entropy
 from slm.engine.metrics import describe_summary
 from slm.engine.run import Run
@@ -212,7 +212,7 @@ def write_finetune(out: str | Path, base: Base, method: str, peft_model=None, me
     adapter = model = None
     if peft_model is not None:
         save_adapter(peft_model, out / "adapter")
-        if base.kind == "hf":
+        if base.kind == HF_KIND:
             base.tokenizer.hf.save_pretrained(str(out / "adapter"))
         adapter = "adapter"
     if method == "full" or merge_adapter:
